@@ -1,0 +1,103 @@
+"""pipelines.yaml: typed sections, one-line errors naming file, pipeline, key, value, expectation."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vimpac.common.config import (
+    PACKAGED_CONFIG,
+    ConfigError,
+    PretrainConfig,
+    config_to_yaml,
+    describe_fields,
+    load_pipeline,
+    pipeline_names,
+)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_are_the_papers():
+    cfg = PretrainConfig()
+    assert (cfg.frames, cfg.grid, cfg.temperature, cfg.weight_decay, cfg.beta2) == (
+        5, 16, 0.2, 0.05, 0.98)
+    assert cfg.batch_size == 1024 and cfg.grad_clip == 1.0
+
+
+def test_every_field_documented():
+    for name, _, _, help_text in describe_fields(PretrainConfig):
+        assert help_text, name
+
+
+def test_extends_merges_sections(tmp_path):
+    path = write(tmp_path, """
+        pipelines:
+          base: {pretrain: {model: tiny, lr: 0.01}}
+          child: {extends: base, pretrain: {steps: 7}}
+    """)
+    cfg = load_pipeline("child", path)
+    assert (cfg.pretrain.model, cfg.pretrain.lr, cfg.pretrain.steps) == ("tiny", 0.01, 7)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("{pretrain: {bogus: 1}}", "pretrain.bogus: unknown key"),
+    ("{pretrain: {steps: many}}", "pretrain.steps = 'many': expected an integer"),
+    ("{pretrain: {dropout: 1.5}}", "pretrain.dropout = 1.5: expected >= 0 and <= 1"),
+    ("{pretrain: {model: huge}}", "expected one of tiny, small, base, large-half"),
+    ("{tokenize: {size: 100}}", "tokenize.size = 100: expected a multiple of 8"),
+    ("{stages: {}}", "stages: unknown section"),
+])
+def test_errors_name_file_pipeline_key_value(tmp_path, body, fragment):
+    path = write(tmp_path, f"pipelines:\n  p: {body}\n")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline("p", path)
+    msg = str(err.value)
+    assert str(path) in msg and "pipeline 'p'" in msg and fragment in msg
+    assert "\n" not in msg
+
+
+def test_overrides_are_type_checked(tmp_path):
+    path = write(tmp_path, "pipelines:\n  p: {}\n")
+    assert load_pipeline("p", path, ["pretrain.lr=3e-4"]).pretrain.lr == 3e-4
+    assert load_pipeline("p", path, ["tokenize.crops=[top, bottom]"]).tokenize.crops == [
+        "top", "bottom"]
+    with pytest.raises(ConfigError, match="pretrain.steps = 1.5: expected an integer"):
+        load_pipeline("p", path, ["pretrain.steps=1.5"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_pipeline("p", path, ["steps"])
+
+
+def test_invalid_yaml_and_unknown_pipeline(tmp_path):
+    path = write(tmp_path, "pipelines: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_pipeline("p", path)
+    path = write(tmp_path, "pipelines:\n  p: {}\n")
+    with pytest.raises(ConfigError, match="no pipeline named 'q'"):
+        load_pipeline("q", path)
+
+
+def test_packaged_pipelines_all_validate():
+    names = pipeline_names(PACKAGED_CONFIG)
+    assert "demo" in names
+    for name in names:
+        cfg = load_pipeline(name, PACKAGED_CONFIG)
+        assert config_to_yaml(cfg)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("pretrain.bogus=1", "pretrain.bogus: unknown key"),
+    ("pretrain.steps=x", "pretrain.steps = 'x': expected an integer"),
+    ("pretrain.lr=-1", "pretrain.lr = -1.0: expected > 0"),
+])
+def test_cli_config_errors_exit_2_with_one_line(override, fragment):
+    proc = subprocess.run([sys.executable, "-m", "vimpac", "--set", override, "config", "show"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,640 @@
+"""The token archive: the contract between the tokenize stage and the training stages.
+
+This module alone knows the on-disk format. An archive is a folder::
+
+    ARCHIVE/
+      manifests/worker-00000-of-00001.json   one manifest part per tokenize worker (atomic rewrites)
+      manifest.json                          optional merged manifest (``vimpac archive merge``)
+      zarr/<shard>.zarr/                     zarr v3 group per shard (sharding codec + zstd):
+          tokens/<view>   uint16 [frames, H, W], all videos of the shard concatenated on frames
+          offsets         int64 [videos + 1], video i is frames offsets[i]:offsets[i+1]
+      wds/<shard>.tar                        webdataset shard: per video <name>.tokens.npy
+                                             (uint16 [T, H, W], first view), <name>.tokens.<view>.npy
+                                             for further views, and <name>.json metadata
+
+Shards are immutable once written: each is built under a temporary name, fsynced, then renamed into
+place, and only then recorded in its worker's manifest part (itself rewritten atomically). A shard
+not named by a manifest is an interrupted write and is ignored (and removed by the next run).
+
+Per-shard checksums (sha256 of each file) are kept in the manifest and checked by :func:`verify`
+and, once per shard, by the readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "vimpac-token-archive"
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16
+FORMATS = ("zarr", "webdataset")
+_PART_RE = re.compile(r"^worker-(\d{5})-of-(\d{5})\.json$")
+
+
+class ArchiveError(RuntimeError):
+    """A problem with an archive on disk; the message names the file."""
+
+
+class ChecksumError(ArchiveError):
+    """A shard whose bytes do not match the manifest's checksum."""
+
+
+# ------------------------------------------------------------------------------------ manifest types
+
+@dataclass(frozen=True)
+class View:
+    """One spatial view of a video: resize scale of the shorter side, crop position, flip."""
+    name: str
+    scale: float = 1.0
+    crop: str = "center"
+    hflip: bool = False
+
+
+def make_views(scales: list[float], crops: list[str], hflip: bool) -> list[View]:
+    """All (scale x crop x flip) views, the un-flipped centre crop at scale 1 first if present."""
+    views = []
+    for scale in scales:
+        for crop in crops:
+            for flip in ([False, True] if hflip else [False]):
+                name = f"s{scale:g}_{crop}" + ("_flip" if flip else "")
+                views.append(View(name=name, scale=scale, crop=crop, hflip=flip))
+    views.sort(key=lambda v: (v.scale != 1.0 or v.crop != "center" or v.hflip))
+    return views
+
+
+@dataclass
+class ArchiveSettings:
+    """What every video in an archive shares; mismatches between workers are errors."""
+    tokenizer_fingerprint: str
+    codebook_size: int
+    grid: tuple[int, int]                  # token grid (H, W)
+    fps: float                             # token frames per second
+    shorter_side: int
+    size: int
+    views: list[View]
+    formats: list[str]
+    tokenizer_kind: str = "vqvae"
+    dataset: dict[str, Any] | None = None  # {"name", "root", "classes"} for labelled archives
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    dtype: str = "uint16"
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["grid"] = list(self.grid)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArchiveSettings:
+        data = dict(data)
+        data["grid"] = tuple(data["grid"])
+        data["views"] = [View(**v) for v in data["views"]]
+        return cls(**data)
+
+    def compatible_key(self) -> dict[str, Any]:
+        """The settings that must agree for archives to be read together (dataset excluded)."""
+        out = self.to_json()
+        out.pop("dataset")
+        return out
+
+    @property
+    def view_names(self) -> list[str]:
+        return [v.name for v in self.views]
+
+
+@dataclass
+class VideoRecord:
+    """One input video and what became of it."""
+    key: str
+    source: str
+    size: int
+    mtime: float
+    status: str = "ok"                      # ok | failed
+    reason: str = ""
+    frames: int = 0
+    shard: str = ""
+    index: int = -1                         # position inside its shard
+    label: int = -1
+    splits: list[str] = field(default_factory=list)
+
+    def same_source(self, size: int, mtime: float) -> bool:
+        return self.size == size and abs(self.mtime - mtime) < 1e-6
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    videos: int
+    frames: int
+    files: dict[str, dict[str, str]]        # format -> {relative path: sha256}
+    bytes: dict[str, int]                   # format -> bytes on disk
+
+
+@dataclass
+class ManifestPart:
+    """What one tokenize worker has committed. Rewritten atomically after every shard."""
+    settings: ArchiveSettings
+    worker: int = 0
+    num_workers: int = 1
+    videos: dict[str, VideoRecord] = field(default_factory=dict)
+    shards: list[ShardRecord] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def filename(self) -> str:
+        return f"worker-{self.worker:05d}-of-{self.num_workers:05d}.json"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "worker": self.worker, "num_workers": self.num_workers, "complete": self.complete,
+            "settings": self.settings.to_json(),
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "videos": [dataclasses.asdict(v) for v in self.videos.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ManifestPart:
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a {FORMAT_NAME} manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {data.get('format_version')} is not supported "
+                             f"(this vimpac reads {FORMAT_VERSION})")
+        videos = {v["key"]: VideoRecord(**v) for v in data["videos"]}
+        return cls(settings=ArchiveSettings.from_json(data["settings"]), worker=data["worker"],
+                   num_workers=data["num_workers"], videos=videos,
+                   shards=[ShardRecord(**s) for s in data["shards"]],
+                   complete=bool(data.get("complete", False)))
+
+
+# ------------------------------------------------------------------------------------- atomic files
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def shard_name(worker: int, seq: int) -> str:
+    return f"shard-w{worker:05d}-{seq:06d}"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0               # deterministic bytes: same tokens, same tar
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Collects the videos of one shard in memory and writes every format atomically."""
+
+    def __init__(self, root: str | Path, name: str, settings: ArchiveSettings,
+                 chunk_frames: int = 64, zstd_level: int = 3) -> None:
+        self.root, self.name, self.settings = Path(root), name, settings
+        self.chunk_frames, self.zstd_level = chunk_frames, zstd_level
+        self.records: list[VideoRecord] = []
+        self.tokens: list[dict[str, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, record: VideoRecord, tokens: dict[str, np.ndarray]) -> None:
+        """Queue a video: ``tokens`` maps each view name to uint16 ids [T, H, W]."""
+        missing = set(self.settings.view_names) - set(tokens)
+        if missing:
+            raise ValueError(f"{record.key}: views missing: {sorted(missing)}")
+        frames = {arr.shape[0] for arr in tokens.values()}
+        if len(frames) != 1:
+            raise ValueError(f"{record.key}: views have different frame counts {sorted(frames)}")
+        for view, arr in tokens.items():
+            if arr.shape[1:] != tuple(self.settings.grid) or arr.dtype != TOKEN_DTYPE:
+                raise ValueError(f"{record.key}: view {view} has {arr.dtype}{list(arr.shape)}, "
+                                 f"expected uint16[T, {self.settings.grid[0]}, "
+                                 f"{self.settings.grid[1]}]")
+        record.shard, record.index, record.frames = self.name, len(self.records), frames.pop()
+        self.records.append(record)
+        self.tokens.append(tokens)
+
+    def commit(self) -> ShardRecord:
+        """Write the shard in every format (temp name, fsync, rename) and describe it."""
+        files: dict[str, dict[str, str]] = {}
+        sizes: dict[str, int] = {}
+        if "zarr" in self.settings.formats:
+            files["zarr"], sizes["zarr"] = self._write_zarr()
+        if "webdataset" in self.settings.formats:
+            files["webdataset"], sizes["webdataset"] = self._write_tar()
+        return ShardRecord(name=self.name, videos=len(self.records),
+                           frames=sum(r.frames for r in self.records), files=files, bytes=sizes)
+
+    def _write_zarr(self) -> tuple[dict[str, str], int]:
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        final = self.root / "zarr" / f"{self.name}.zarr"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{self.name}.", suffix=".tmp"))
+        try:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            lengths = [r.frames for r in self.records]
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            total = int(offsets[-1])
+            h, w = self.settings.grid
+            chunk = max(1, min(self.chunk_frames, total))
+            shard_frames = chunk * max(1, -(-total // chunk))
+            for view in self.settings.view_names:
+                arr = group.create_array(
+                    f"tokens/{view}", shape=(total, h, w), dtype="uint16", chunks=(chunk, h, w),
+                    shards=(shard_frames, h, w), compressors=[ZstdCodec(level=self.zstd_level)])
+                arr[:] = np.concatenate([t[view] for t in self.tokens], axis=0)
+            off = group.create_array("offsets", shape=offsets.shape, dtype="int64",
+                                     chunks=offsets.shape)
+            off[:] = offsets
+            group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                                "keys": [r.key for r in self.records],
+                                "views": self.settings.view_names})
+            _fsync_tree(tmp)
+            if final.exists():              # left by a run killed after rename, before manifest
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _tree_checksums(final, self.root), _tree_bytes(final)
+
+    def _write_tar(self) -> tuple[dict[str, str], int]:
+        final = self.root / "wds" / f"{self.name}.tar"
+        buf = io.BytesIO()
+        first, *others = self.settings.view_names
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for i, (record, tokens) in enumerate(zip(self.records, self.tokens)):
+                member = f"{self.name}_{i:06d}"
+                _add_tar_member(tar, f"{member}.tokens.npy", _npy_bytes(tokens[first]))
+                for view in others:
+                    _add_tar_member(tar, f"{member}.tokens.{view}.npy", _npy_bytes(tokens[view]))
+                meta = {"key": record.key, "frames": record.frames, "label": record.label,
+                        "splits": record.splits, "views": self.settings.view_names}
+                _add_tar_member(tar, f"{member}.json", json.dumps(meta).encode())
+        data = buf.getvalue()
+        atomic_write_bytes(final, data)
+        rel = str(final.relative_to(self.root))
+        return {rel: hashlib.sha256(data).hexdigest()}, len(data)
+
+
+def _tree_checksums(path: Path, root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            full = Path(dirpath) / name
+            out[str(full.relative_to(root))] = sha256_file(full)
+    return out
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def save_part(root: str | Path, part: ManifestPart) -> None:
+    atomic_write_json(Path(root) / "manifests" / part.filename, part.to_json())
+
+
+def load_part(path: str | Path) -> ManifestPart:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArchiveError(f"{path}: manifest is truncated or not JSON ({exc.msg} at line "
+                           f"{exc.lineno})") from None
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot read manifest: {exc.strerror}") from None
+    try:
+        return ManifestPart.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArchiveError(f"{path}: malformed manifest: {exc}") from None
+
+
+def remove_orphans(root: str | Path, part: ManifestPart) -> list[str]:
+    """Delete this worker's shard files that its manifest does not name (interrupted writes)."""
+    root = Path(root)
+    known = {s.name for s in part.shards}
+    prefix = shard_name(part.worker, 0)[:-6]
+    removed = []
+    for sub, suffix in (("zarr", ".zarr"), ("wds", ".tar")):
+        folder = root / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            name = entry.name
+            stale_tmp = name.startswith(f".{prefix}") and name.endswith(".tmp")
+            orphan = name.startswith(prefix) and name.removesuffix(suffix) not in known
+            if stale_tmp or orphan:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(str(entry))
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+@dataclass
+class Entry:
+    """An ok video as the readers see it."""
+    key: str
+    shard: str
+    index: int
+    frames: int
+    label: int
+    splits: list[str]
+
+
+class Archive:
+    """All manifest parts of an archive folder read as one archive."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ArchiveError(f"{self.root}: no such archive folder")
+        self.parts = self._load_parts()
+        self.settings = self._check_settings()
+        self.shards: dict[str, ShardRecord] = {s.name: s for p in self.parts for s in p.shards}
+        self.records: dict[str, VideoRecord] = {}
+        for part in self.parts:
+            for key, rec in part.videos.items():
+                if key in self.records and rec.status == "ok" and \
+                        self.records[key].status == "ok":
+                    raise ArchiveError(f"{self.root}: video {key!r} appears in two workers' "
+                                       "manifests (were the workers run with different counts?)")
+                if key not in self.records or rec.status == "ok":
+                    self.records[key] = rec
+        self.entries = [Entry(r.key, r.shard, r.index, r.frames, r.label, r.splits)
+                        for r in self.records.values() if r.status == "ok"]
+        self.entries.sort(key=lambda e: (e.shard, e.index))
+        self._verified: set[str] = set()
+
+    def _load_parts(self) -> list[ManifestPart]:
+        folder = self.root / "manifests"
+        paths = sorted(folder.glob("worker-*.json")) if folder.is_dir() else []
+        if not paths and (self.root / "manifest.json").is_file():
+            return [load_part(self.root / "manifest.json")]
+        if not paths:
+            raise ArchiveError(f"{self.root}: no manifest (expected manifests/worker-*.json "
+                               "or manifest.json): not a vimpac archive, or nothing was written")
+        return [load_part(p) for p in paths]
+
+    def _check_settings(self) -> ArchiveSettings:
+        first = self.parts[0].settings
+        for part in self.parts[1:]:
+            if part.settings.compatible_key() != first.compatible_key():
+                diff = [k for k, v in first.compatible_key().items()
+                        if part.settings.compatible_key().get(k) != v]
+                raise ArchiveError(f"{self.root / 'manifests' / part.filename}: settings differ "
+                                   f"from {self.parts[0].filename} in {', '.join(diff)}")
+        return first
+
+    @property
+    def failed(self) -> list[VideoRecord]:
+        return [r for r in self.records.values() if r.status != "ok"]
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.parts)
+
+    def shard_names(self) -> list[str]:
+        return sorted(self.shards)
+
+    def entries_for_split(self, tag: str | None) -> list[Entry]:
+        return [e for e in self.entries if tag is None or tag in e.splits]
+
+    # -- integrity
+    def verify_shard(self, name: str, fmt: str) -> None:
+        """Check every file of shard ``name`` in format ``fmt`` against the manifest."""
+        for rel, digest in self.shards[name].files.get(fmt, {}).items():
+            path = self.root / rel
+            if not path.is_file():
+                raise ChecksumError(f"{path}: missing shard file")
+            if sha256_file(path) != digest:
+                raise ChecksumError(f"{path}: checksum mismatch (shard {name} is corrupt)")
+
+    def verify_once(self, name: str, fmt: str) -> None:
+        if (name, fmt) not in self._verified:
+            self.verify_shard(name, fmt)
+            self._verified.add((name, fmt))
+
+    # -- zarr random access
+    def open_zarr_shard(self, name: str, verify: bool = True) -> ZarrShard:
+        if verify:
+            self.verify_once(name, "zarr")
+        return ZarrShard(self.root / "zarr" / f"{name}.zarr")
+
+    def wds_path(self, name: str) -> Path:
+        return self.root / "wds" / f"{name}.tar"
+
+
+class ZarrShard:
+    """Random access to the videos of one zarr shard: any clip without reading the whole shard."""
+
+    def __init__(self, path: str | Path) -> None:
+        import zarr
+
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+            self.offsets = np.asarray(self.group["offsets"][:])
+        except Exception as exc:  # zarr raises many kinds on broken metadata
+            raise ArchiveError(f"{self.path}: cannot open zarr shard: {exc}") from None
+        self.keys: list[str] = list(self.group.attrs["keys"])
+        self._arrays: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def length(self, index: int) -> int:
+        return int(self.offsets[index + 1] - self.offsets[index])
+
+    def read(self, index: int, view: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token frames ``start:stop`` of video ``index`` in ``view``: uint16 [t, H, W]."""
+        if view not in self._arrays:
+            self._arrays[view] = self.group[f"tokens/{view}"]
+        base, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        stop = end - base if stop is None else min(stop, end - base)
+        return np.asarray(self._arrays[view][base + start: base + stop])
+
+
+def read_wds_shard(path: str | Path, expected_sha256: str | None = None
+                   ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Yield (metadata, {view: uint16 [T, H, W]}) per video of a webdataset shard.
+
+    Only ``*.npy`` (``allow_pickle=False``) and ``*.json`` members are read; anything else in the
+    tar is ignored. With ``expected_sha256`` the bytes are checked before anything is yielded.
+    """
+    data = Path(path).read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ChecksumError(f"{path}: checksum mismatch (shard is corrupt)")
+    samples: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member, _, ext = info.name.partition(".")
+                if ext != "json" and not (ext.startswith("tokens") and ext.endswith(".npy")):
+                    continue
+                raw = tar.extractfile(info).read()
+                if member not in samples:
+                    samples[member] = {}
+                    order.append(member)
+                samples[member][ext] = raw
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"{path}: broken tar: {exc}") from None
+    for member in order:
+        parts = samples[member]
+        if "json" not in parts:
+            continue
+        meta = json.loads(parts["json"])
+        views = {}
+        for i, view in enumerate(meta.get("views", [])):
+            ext = "tokens.npy" if i == 0 else f"tokens.{view}.npy"
+            if ext in parts:
+                views[view] = np.load(io.BytesIO(parts[ext]), allow_pickle=False)
+        yield meta, views
+
+
+# ---------------------------------------------------------------------------------- verify / merge
+
+@dataclass
+class VerifyReport:
+    shards_checked: int = 0
+    files_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(root: str | Path) -> VerifyReport:
+    """Check every shard file's checksum and the manifest's internal consistency."""
+    report = VerifyReport()
+    try:
+        archive = Archive(root)
+    except ArchiveError as exc:
+        report.problems.append(str(exc))
+        return report
+    for name, shard in sorted(archive.shards.items()):
+        report.shards_checked += 1
+        for fmt, files in shard.files.items():
+            report.files_checked += len(files)
+            try:
+                archive.verify_shard(name, fmt)
+            except ChecksumError as exc:
+                report.problems.append(str(exc))
+        members = [e for e in archive.entries if e.shard == name]
+        if len(members) != shard.videos or sum(e.frames for e in members) != shard.frames:
+            report.problems.append(f"{archive.root}: shard {name}: manifest lists {shard.videos} "
+                                   f"videos / {shard.frames} frames, records give "
+                                   f"{len(members)} / {sum(e.frames for e in members)}")
+    for entry in archive.entries:
+        if entry.shard not in archive.shards:
+            report.problems.append(f"{archive.root}: video {entry.key!r} points at unknown "
+                                   f"shard {entry.shard}")
+    return report
+
+
+def merge_manifests(root: str | Path) -> Path:
+    """Write ``manifest.json``: all workers' parts as one (readers work without it too)."""
+    archive = Archive(root)
+    merged = ManifestPart(settings=archive.settings, worker=0, num_workers=1,
+                          videos=dict(sorted(archive.records.items())),
+                          shards=[archive.shards[n] for n in archive.shard_names()],
+                          complete=archive.complete)
+    out = Path(root) / "manifest.json"
+    atomic_write_json(out, merged.to_json())
+    return out
+
+
+def read_tokens(root: str | Path, key: str, view: str | None = None,
+                fmt: str = "zarr") -> np.ndarray:
+    """All token frames of one video, by key (convenience for tools and tests)."""
+    archive = Archive(root)
+    rec = archive.records.get(key)
+    if rec is None or rec.status != "ok":
+        raise KeyError(f"{root}: no tokenized video with key {key!r}")
+    view = view or archive.settings.view_names[0]
+    if fmt == "zarr":
+        return archive.open_zarr_shard(rec.shard).read(rec.index, view)
+    shard = archive.shards[rec.shard]
+    (digest,) = shard.files["webdataset"].values()
+    for meta, views in read_wds_shard(archive.wds_path(rec.shard), digest):
+        if meta["key"] == key:
+            return views[view]
+    raise ArchiveError(f"{archive.wds_path(rec.shard)}: video {key!r} missing from shard")
