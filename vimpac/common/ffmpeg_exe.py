@@ -17,7 +17,7 @@ class FFmpegNotFound(RuntimeError):
     """No usable ffmpeg binary could be found."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ffmpeg_exe() -> str:
     """Path of the ffmpeg binary to use (cached for the process)."""
     env = os.environ.get("VIMPAC_FFMPEG")

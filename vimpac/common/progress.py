@@ -1,8 +1,8 @@
 """Progress reporting that library code can call without knowing how (or whether) it is drawn.
 
-Library functions take a ``progress: Progress`` argument (default :data:`NULL_PROGRESS`) and call
-``task = progress.task("name", total)``, ``task.advance(n, **fields)``, ``task.close()``. Only the CLI
-layer implements :class:`Progress` with rich progress bars; library code itself only logs.
+Library functions take a ``progress: Progress`` argument (default :data:`NULL_PROGRESS`) and
+call ``task = progress.task("name", total)``, ``task.advance(n, **fields)``, ``task.close()``. Only
+the CLI layer implements :class:`Progress` with rich progress bars; library code itself only logs.
 """
 
 from __future__ import annotations
