@@ -11,3 +11,79 @@ def cli_runner():
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+def make_test_video(path, *, seconds=1.0, fps=12, size=(64, 48), codec="libx264",
+                    source="testsrc2", audio=False):
+    """Encode a small real video with the bundled ffmpeg (lavfi source), return its path."""
+    import subprocess
+
+    from vimpac.common.ffmpeg_exe import ffmpeg_exe
+
+    w, h = size
+    cmd = [ffmpeg_exe(), "-hide_banner", "-v", "error", "-y", "-f", "lavfi", "-i",
+           f"{source}=size={w}x{h}:rate={fps}", "-t", str(seconds)]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=duration={seconds}", "-shortest"]
+    cmd += ["-c:v", codec, "-pix_fmt", "yuv420p"]
+    if codec == "libx264":
+        cmd += ["-preset", "ultrafast"]
+    if codec == "libvpx-vp9":
+        cmd += ["-deadline", "realtime", "-cpu-used", "8"]
+    subprocess.run(cmd + [str(path)], check=True, timeout=60)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """An untrained (random) 64-code VQ-VAE saved to disk: enough to exercise the pipeline."""
+    import torch
+
+    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tokenizer") / "tok"
+    save_tokenizer(VQTokenizer(VQConfig(codebook_size=64, channels=16, image_size=32)), path)
+    return path
+
+
+def write_token_archive(root, *, videos=12, frames=(3, 12), grid=8, codebook=64, per_shard=4,
+                        seed=0, labels=None, splits=None, views=None, fingerprint="test-tok",
+                        formats=("zarr", "webdataset")):
+    """A token archive written straight through the archive writer (no video decoding)."""
+    import numpy as np
+
+    from vimpac.common.archive import (
+        ArchiveSettings,
+        ManifestPart,
+        ShardWriter,
+        VideoRecord,
+        make_views,
+        save_part,
+        shard_name,
+    )
+
+    views = views or make_views([1.0], ["center"], False)
+    settings = ArchiveSettings(fingerprint, codebook, (grid, grid), 4.0, grid * 8, grid * 8,
+                               views, list(formats))
+    part = ManifestPart(settings=settings)
+    rng = np.random.default_rng(seed)
+    writer = None
+    for i in range(videos):
+        if writer is None:
+            writer = ShardWriter(root, shard_name(0, len(part.shards)), settings, chunk_frames=4)
+        n = int(rng.integers(frames[0], frames[1] + 1))
+        tokens = {v.name: rng.integers(0, codebook, (n, grid, grid)).astype(np.uint16)
+                  for v in views}
+        record = VideoRecord(f"v{i:04d}", f"/src/v{i}.mp4", 1, 0.0,
+                             label=-1 if labels is None else int(labels[i]),
+                             splits=[] if splits is None else list(splits[i]))
+        writer.add(record, tokens)
+        if len(writer) == per_shard or i == videos - 1:
+            part.shards.append(writer.commit())
+            for rec in writer.records:
+                part.videos[rec.key] = rec
+            writer = None
+    part.complete = True
+    save_part(root, part)
+    return root

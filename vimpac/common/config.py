@@ -39,7 +39,7 @@ def param(default: Any, help: str, *, ge: float | None = None, gt: float | None 
     return field(default=default, metadata=meta)
 
 
-# --------------------------------------------------------------------------------------------- stages
+# ------------------------------------------------------------------------------------------ stages
 
 @dataclass
 class DataConfig:
@@ -85,7 +85,8 @@ class TokenizeConfig:
     size: int = param(128, "square crop side in pixels; tokens per side = size / 8", ge=8, le=4096)
     scales: list[float] = param([1.0], "extra resize scales of shorter_side as views "
                                        "(paper fine-tuning: [1.0, 1.25])")
-    crops: list[str] = param(["center"], "crop views: top (top-left), center, bottom (bottom-right)")
+    crops: list[str] = param(["center"],
+                             "crop views: top (top-left), center, bottom (bottom-right)")
     hflip: bool = param(False, "also store horizontally flipped views (never for SSV2)")
     formats: list[str] = param(["zarr", "webdataset"], "archive formats to write: zarr, webdataset")
     videos_per_shard: int = param(256, "videos per shard", ge=1)
@@ -100,6 +101,8 @@ class TokenizeConfig:
 @dataclass
 class PretrainConfig:
     """Stage 2: masked-token prediction + contrastive learning on token archives."""
+    format: str = param("zarr", "archive format to stream: zarr or webdataset",
+                        choices=("zarr", "webdataset"))
     model: str = param("small", "model preset: tiny, small, base, large-half",
                        choices=("tiny", "small", "base", "large-half"))
     frames: int = param(5, "token frames per clip T (paper: 5)", ge=1, le=256)
@@ -200,7 +203,7 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------------------- checking
+# ---------------------------------------------------------------------------------------- checking
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -333,7 +336,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------------------- loading
 
 def default_config_path() -> Path:
     """``./pipelines.yaml`` if present, else the copy packaged with vimpac."""
@@ -485,7 +488,7 @@ def section_from_dict(cls: type, data: dict[str, Any], source: str = "checkpoint
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for each field of a stage config: for docs and ``config show``."""
+    """(name, type, default, help) of each field of a stage config (docs, ``config show``)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):

@@ -1,0 +1,139 @@
+"""Pre-training: the clip stream, exact resume, multi-process gloo, refusing bad archives."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_token_archive
+from torch.utils.data import DataLoader
+
+from vimpac.common.archive import ArchiveError
+from vimpac.common.config import PretrainConfig
+from vimpac.pretrain.data import ClipStream, StreamSpec, clip_pair, sample_starts
+from vimpac.pretrain.train import PretrainError, run_pretrain
+
+PAD = 65
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return write_token_archive(tmp_path_factory.mktemp("a") / "arch", videos=24, grid=8,
+                               frames=(2, 14), codebook=64, per_shard=5)
+
+
+def spec(**kw):
+    return StreamSpec(**{**dict(frames=5, grid=8, batch_size=4, pad_id=PAD, seed=3,
+                                shuffle_buffer=8), **kw})
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it)["tokens"] for _ in range(n)]
+
+
+def test_stream_shapes_pad_and_determinism(archive):
+    batches = take(ClipStream([archive], spec()), 6)
+    assert batches[0].shape == (4, 2, 5, 8, 8) and batches[0].dtype == torch.int64
+    assert any((b == PAD).any() for b in batches)          # short videos are right-padded
+    again = take(ClipStream([archive], spec()), 6)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    other = take(ClipStream([archive], spec(seed=4)), 6)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other, strict=True))
+
+
+def test_zarr_and_webdataset_streams_are_identical(archive):
+    a = take(ClipStream([archive], spec(fmt="zarr")), 8)
+    b = take(ClipStream([archive], spec(fmt="webdataset")), 8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_position_gives_the_same_batches(archive, workers):
+    def loader(start):
+        ds = ClipStream([archive], spec(), start_batch=start)
+        return DataLoader(ds, batch_size=None, num_workers=workers,
+                          multiprocessing_context="spawn" if workers else None)
+    full = take(loader(0), 12)                               # crosses an epoch boundary
+    resumed = take(loader(5), 7)
+    assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed, strict=True))
+
+
+def test_ranks_see_disjoint_videos(archive):
+    seen = []
+    for rank in (0, 1):
+        ds = ClipStream([archive], spec(batch_size=1, shuffle_buffer=1), rank=rank, world=2)
+        it = ds.consumer_batches(rank, 2)
+        seen.append({next(it)[0, 0].tobytes() for _ in range(6)})
+    assert not seen[0] & seen[1]
+
+
+def test_clip_sampling_rules():
+    rng = np.random.default_rng(0)
+    starts = [sample_starts(rng, 20, 5, 0) for _ in range(2000)]
+    assert {s for pair in starts for s in pair} == set(range(16))   # uniform over all starts
+    near = [sample_starts(rng, 100, 5, 3) for _ in range(500)]
+    assert max(abs(a - b) for a, b in near) <= 3
+    video = np.arange(3 * 12 * 12, dtype=np.uint16).reshape(3, 12, 12)
+    pair = clip_pair(video, rng, spec(grid=8))
+    assert pair.shape == (2, 5, 8, 8) and (pair[:, 3:] == PAD).all()   # crop 12->8, pad 3->5
+
+
+def test_refuses_mixed_tokenizers_and_small_vocab(tmp_path, archive):
+    other = write_token_archive(tmp_path / "other", fingerprint="another-tokenizer")
+    with pytest.raises(ArchiveError, match="different tokenizers"):
+        ClipStream([archive, other], spec())
+    big = write_token_archive(tmp_path / "big", codebook=1000)
+    cfg = PretrainConfig(model="tiny", frames=5, grid=8, batch_size=4, micro_batch=4, steps=1,
+                         num_workers=0, init_from=str(tmp_path / "missing.pt"))
+    with pytest.raises(Exception, match="missing.pt"):
+        run_pretrain([big], cfg, tmp_path / "out")
+    with pytest.raises(PretrainError, match="multiple of"):
+        run_pretrain([archive], dataclasses.replace(cfg, micro_batch=3, init_from=""),
+                     tmp_path / "out2")
+
+
+TINY = PretrainConfig(model="tiny", frames=5, grid=8, batch_size=8, micro_batch=4, steps=6,
+                      num_workers=0, checkpoint_every=2, log_every=1, proj_hidden=32, lr=1e-3,
+                      shuffle_buffer=8)
+
+
+def test_stop_and_resume_equals_uninterrupted(archive, tmp_path):
+    whole = run_pretrain([archive], TINY, tmp_path / "whole")
+    run_pretrain([archive], TINY, tmp_path / "parts", stop_after=3)
+    resumed = run_pretrain([archive], TINY, tmp_path / "parts")
+    assert whole.step == resumed.step == 6
+    a = torch.load(whole.pretrained, weights_only=True)["backbone"]
+    b = torch.load(resumed.pretrained, weights_only=True)["backbone"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6                                    # no duplicated metric lines
+
+
+def test_resume_with_other_settings_is_refused(archive, tmp_path):
+    run_pretrain([archive], TINY, tmp_path / "run", stop_after=2)
+    with pytest.raises(PretrainError, match="lr 0.001 -> 0.01"):
+        run_pretrain([archive], dataclasses.replace(TINY, lr=1e-2), tmp_path / "run")
+
+
+def test_two_process_gloo_run(archive, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys\n"
+        "from vimpac.common.config import PretrainConfig\n"
+        "from vimpac.pretrain.train import run_pretrain\n"
+        "cfg = PretrainConfig(model='tiny', frames=5, grid=8, batch_size=8, micro_batch=2,\n"
+        "                     steps=2, num_workers=0, proj_hidden=32, shuffle_buffer=4)\n"
+        "r = run_pretrain([sys.argv[1]], cfg, sys.argv[2])\n"
+        "print('STEP', r.step)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), str(archive), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("STEP 2") == 2
+    assert Path(tmp_path / "o" / "pretrained.pt").exists()

@@ -1,0 +1,95 @@
+"""Checkpoints: atomic writes, safe loading, keep-last-k rotation.
+
+A checkpoint is a dict of ``state_dict``s (model, optimizer, scheduler, data stream) plus plain
+values (step, RNG, resolved config). It is written to a temporary file, fsynced and renamed, so a
+crash leaves the previous checkpoint intact; it is read with ``torch.load(weights_only=True)``, so
+loading one cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vimpac.common.archive import fsync_dir
+
+_NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # unpickling errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable vimpac checkpoint ({first})") from None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """``DIR/step-000001000.pt`` files, the newest ``keep`` of them kept."""
+
+    def __init__(self, folder: str | Path, keep: int = 3) -> None:
+        self.folder, self.keep = Path(folder), keep
+
+    def steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir()
+                      if (m := _NAME.match(p.name)))
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:09d}.pt"
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        path = self.path(step)
+        save_checkpoint(path, state)
+        for old in self.steps()[:-self.keep]:
+            self.path(old).unlink(missing_ok=True)
+        for stale in self.folder.glob(".step-*.tmp"):      # left by a killed writer
+            stale.unlink(missing_ok=True)
+        return path

@@ -1,0 +1,265 @@
+"""Streaming clip pairs out of token archives for pre-training (paper Sec. 3.2).
+
+A chain of small stages, each a plain function or generator:
+
+    list shards -> shuffle (seed, epoch) -> split by consumer (rank x worker) -> read shard
+    -> per video two clips of T frames (independent, uniform; optional max distance)
+    -> token-space crop -> [PAD] for short videos -> shuffle buffer -> batch
+
+Every random choice comes from a generator seeded by (seed, epoch, consumer), never from global
+state, so the stream is a pure function of its position. Each consumer runs epochs forever with
+``drop_last`` per epoch; a batch's global index k maps to DataLoader worker k % W, so resuming at
+global position K is exact (:class:`ClipStream` ``start_batch``). Memory holds one shard and the
+shuffle buffer, never the archive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from vimpac.common.archive import Archive, ArchiveError, ChecksumError, read_wds_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard of one archive, as a unit of streaming."""
+    archive: int
+    name: str
+    videos: int
+
+
+@dataclass
+class StreamSpec:
+    frames: int                 # T token frames per clip
+    grid: int                   # model's token grid side; larger archive grids are cropped
+    batch_size: int             # videos per batch (each gives two clips)
+    pad_id: int
+    seed: int = 0
+    fmt: str = "zarr"           # zarr | webdataset
+    view: str | None = None     # archive view to read (default: the first, unflipped centre)
+    max_distance: int = 0       # max start distance of the two clips in token frames; 0 = any
+    shuffle_buffer: int = 256
+    on_corrupt: str = "stop"    # stop | skip
+
+
+def open_archives(paths: list[str | Path], codebook_size: int | None = None) -> list[Archive]:
+    """Open archives that can be read together: same tokenizer, vocabulary and token grid."""
+    archives = [Archive(p) for p in paths]
+    first = archives[0].settings
+    for arch in archives[1:]:
+        if arch.settings.tokenizer_fingerprint != first.tokenizer_fingerprint:
+            raise ArchiveError(f"{arch.root}: tokenized with another tokenizer "
+                               f"({arch.settings.tokenizer_fingerprint[:12]}) than "
+                               f"{archives[0].root} ({first.tokenizer_fingerprint[:12]}): "
+                               "archives from different tokenizers cannot be mixed")
+        if arch.settings.grid != first.grid:
+            raise ArchiveError(f"{arch.root}: token grid {arch.settings.grid} differs from "
+                               f"{archives[0].root}'s {first.grid}")
+    if codebook_size is not None and first.codebook_size > codebook_size:
+        raise ArchiveError(f"{archives[0].root}: tokenizer vocabulary {first.codebook_size} does "
+                           f"not fit the model's codebook_size {codebook_size}")
+    return archives
+
+
+def list_shards(archives: list[Archive]) -> list[ShardRef]:
+    return [ShardRef(i, name, arch.shards[name].videos)
+            for i, arch in enumerate(archives) for name in arch.shard_names()]
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    """A generator determined by the seed and the keys (epoch, consumer, ...)."""
+    return np.random.default_rng([seed, *keys])
+
+
+def epoch_assignment(shards: list[ShardRef], seed: int, epoch: int, consumer: int,
+                     consumers: int) -> list[tuple[ShardRef, int, int]]:
+    """The (shard, video modulus, video remainder) work of one consumer in one epoch.
+
+    With at least as many shards as consumers each consumer takes whole shards; otherwise each
+    reads every shard and keeps the videos whose shard-local index falls to it.
+    """
+    order = [shards[i] for i in rng_for(seed, epoch).permutation(len(shards))]
+    if len(order) >= consumers:
+        return [(s, 1, 0) for s in order[consumer::consumers]]
+    return [(s, consumers, consumer) for s in order]
+
+
+def videos_in_epoch(shards: list[ShardRef], seed: int, epoch: int, consumer: int,
+                    consumers: int) -> int:
+    work = epoch_assignment(shards, seed, epoch, consumer, consumers)
+    return sum(len(range(rem, s.videos, mod)) for s, mod, rem in work)
+
+
+# --------------------------------------------------------------------------------- reading shards
+
+def read_shard_videos(archive: Archive, name: str, fmt: str, view: str) -> list[np.ndarray]:
+    """All videos of one shard as uint16 [T_i, H, W] arrays (one read per shard)."""
+    if fmt == "zarr":
+        shard = archive.open_zarr_shard(name, verify=True)
+        flat = np.asarray(shard.group[f"tokens/{view}"][:])
+        return [flat[shard.offsets[i]:shard.offsets[i + 1]] for i in range(len(shard))]
+    files = archive.shards[name].files["webdataset"]
+    (digest,) = files.values()
+    return [views[view] for _, views in read_wds_shard(archive.wds_path(name), digest)]
+
+
+# --------------------------------------------------------------------------------- clip sampling
+
+def sample_starts(rng: np.random.Generator, length: int, frames: int,
+                  max_distance: int) -> tuple[int, int]:
+    """Start frames of the two clips: independent and uniform, optionally within max_distance."""
+    last = max(length - frames, 0)
+    s1 = int(rng.integers(0, last + 1))
+    if max_distance <= 0:
+        return s1, int(rng.integers(0, last + 1))
+    lo, hi = max(0, s1 - max_distance), min(last, s1 + max_distance)
+    return s1, int(rng.integers(lo, hi + 1))
+
+
+def take_clip(video: np.ndarray, start: int, frames: int, pad_id: int) -> np.ndarray:
+    """Frames ``start:start+frames``, right-padded with [PAD] when the video is short."""
+    clip = video[start:start + frames].astype(np.int64)
+    if len(clip) < frames:
+        pad = np.full((frames - len(clip), *clip.shape[1:]), pad_id, dtype=np.int64)
+        clip = np.concatenate([clip, pad], axis=0)
+    return clip
+
+
+def crop_offsets(rng: np.random.Generator, height: int, width: int, grid: int) -> tuple[int, int]:
+    return int(rng.integers(0, height - grid + 1)), int(rng.integers(0, width - grid + 1))
+
+
+def clip_pair(video: np.ndarray, rng: np.random.Generator, spec: StreamSpec) -> np.ndarray:
+    """Two clips of one video, same spatial crop: int64 [2, T, grid, grid]."""
+    s1, s2 = sample_starts(rng, len(video), spec.frames, spec.max_distance)
+    y, x = crop_offsets(rng, video.shape[1], video.shape[2], spec.grid)
+    video = video[:, y:y + spec.grid, x:x + spec.grid]
+    return np.stack([take_clip(video, s1, spec.frames, spec.pad_id),
+                     take_clip(video, s2, spec.frames, spec.pad_id)])
+
+
+def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A shuffle buffer of ``size`` items (deterministic given ``rng``)."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(0, size))
+        yield buffer[i]
+        buffer[i] = item
+    order = rng.permutation(len(buffer))
+    for i in order:
+        yield buffer[i]
+
+
+# ---------------------------------------------------------------------------------------- stream
+
+class ClipStream(IterableDataset):
+    """Infinite stream of batches ``{"tokens": int64 [B, 2, T, G, G]}`` for one process.
+
+    ``rank``/``world`` split the data across processes, DataLoader workers split it further.
+    ``start_batch`` is the number of batches this process has already consumed (resume).
+    """
+
+    def __init__(self, archives: list[str | Path], spec: StreamSpec, rank: int = 0,
+                 world: int = 1, start_batch: int = 0) -> None:
+        self.paths = [str(p) for p in archives]
+        self.spec, self.rank, self.world, self.start_batch = spec, rank, world, start_batch
+        self._archives: list[Archive] | None = open_archives(self.paths)  # fail early, here
+        view = spec.view or self.archives[0].settings.view_names[0]
+        for arch in self.archives:
+            if view not in arch.settings.view_names:
+                raise ArchiveError(f"{arch.root}: no view {view!r} (has "
+                                   f"{', '.join(arch.settings.view_names)})")
+            if spec.fmt not in arch.settings.formats:
+                raise ArchiveError(f"{arch.root}: not written in {spec.fmt} format (has "
+                                   f"{', '.join(arch.settings.formats)})")
+            h, w = arch.settings.grid
+            if spec.grid > min(h, w):
+                raise ArchiveError(f"{arch.root}: token grid {h}x{w} is smaller than the "
+                                   f"model's {spec.grid}x{spec.grid}")
+        self.view = view
+        self.shards = list_shards(self.archives)
+        if not self.shards:
+            raise ArchiveError(f"{self.paths[0]}: archive has no shards")
+
+    @property
+    def archives(self) -> list[Archive]:
+        if self._archives is None:
+            self._archives = open_archives(self.paths)
+        return self._archives
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_archives"] = None          # reopened in each worker
+        return state
+
+    def consumer(self) -> tuple[int, int, int, int]:
+        """(consumer id, consumers, worker, workers) of the calling DataLoader worker.
+
+        A DataLoader always starts with its worker 0, so after resuming at global batch K,
+        DataLoader worker w plays the part of worker (w + K) mod W of the original run.
+        """
+        info = get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (loader_worker + self.start_batch) % workers
+        return self.rank * workers + worker, self.world * workers, worker, workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        consumer, consumers, worker, workers = self.consumer()
+        skip = len(range(worker, self.start_batch, workers))   # this worker's share of the past
+        batches = self.consumer_batches(consumer, consumers)
+        for i, batch in enumerate(batches):
+            if i >= skip:
+                yield {"tokens": torch.from_numpy(batch)}
+
+    def batches_per_epoch(self, consumer: int, consumers: int, epoch: int) -> int:
+        return videos_in_epoch(self.shards, self.spec.seed, epoch, consumer,
+                               consumers) // self.spec.batch_size
+
+    def consumer_batches(self, consumer: int, consumers: int) -> Iterator[np.ndarray]:
+        """This consumer's batches, epoch after epoch, forever."""
+        epoch = 0
+        while True:
+            if self.batches_per_epoch(consumer, consumers, epoch) == 0:
+                raise ArchiveError(f"{self.paths[0]}: too few videos for a batch of "
+                                   f"{self.spec.batch_size} per consumer ({consumers} consumers)")
+            yield from self.epoch_batches(epoch, consumer, consumers)
+            epoch += 1
+
+    def epoch_batches(self, epoch: int, consumer: int, consumers: int) -> Iterator[np.ndarray]:
+        rng = rng_for(self.spec.seed, epoch, consumer)
+        pairs = shuffled(self._pairs(epoch, consumer, consumers, rng), self.spec.shuffle_buffer,
+                         rng)
+        batch: list[np.ndarray] = []
+        for pair in pairs:
+            batch.append(pair)
+            if len(batch) == self.spec.batch_size:
+                yield np.stack(batch)
+                batch = []
+
+    def _pairs(self, epoch: int, consumer: int, consumers: int,
+               rng: np.random.Generator) -> Iterator[np.ndarray]:
+        for shard, mod, rem in epoch_assignment(self.shards, self.spec.seed, epoch, consumer,
+                                                consumers):
+            try:
+                videos = read_shard_videos(self.archives[shard.archive], shard.name,
+                                           self.spec.fmt, self.view)
+            except ChecksumError as exc:
+                if self.spec.on_corrupt == "stop":
+                    raise
+                log.warning("skipping corrupt shard: %s", exc)
+                continue
+            for video in videos[rem::mod]:
+                yield clip_pair(video, rng, self.spec)
