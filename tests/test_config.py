@@ -1,4 +1,4 @@
-"""pipelines.yaml: typed sections, one-line errors naming file, pipeline, key, value, expectation."""
+"""pipelines.yaml: typed sections; one-line errors name file, pipeline, key, value, expectation."""
 
 import subprocess
 import sys

@@ -10,6 +10,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,7 +34,7 @@ out = Console()
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-# ------------------------------------------------------------------------------------ progress bars
+# ----------------------------------------------------------------------------------- progress bars
 
 class _RichTask:
     def __init__(self, progress: Progress, task_id: Any) -> None:
@@ -212,6 +213,185 @@ def synth_spec(config: PipelineConfig) -> Any:
     return SynthSpec(seed=d.synth_seed, train_per_class=d.synth_train_per_class,
                      val_per_class=d.synth_val_per_class, width=d.synth_size,
                      height=d.synth_size, uncurated_videos=d.synth_uncurated_videos)
+
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+@cli.group()
+def tokenizer() -> None:
+    """Train a VQ-VAE on your videos, or import the DALL-E dVAE encoder."""
+
+
+@tokenizer.command("train")
+@click.argument("videos", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for checkpoints, metrics, PNG and the final tokenizer/")
+@pass_ctx
+@handle_errors
+def tokenizer_train(ctx: Context, videos: tuple[str, ...], out_dir: str) -> None:
+    """Train the VQ-VAE on frames sampled from VIDEOS (files, folders, list files); resumable."""
+    from vimpac.tokenize.job import collect_inputs
+    from vimpac.tokenize.train_tokenizer import train_tokenizer
+
+    cfg = ctx.pipeline()
+    found = collect_inputs(videos)
+    if not found.videos:
+        raise UsageError("no videos found in " + ", ".join(videos))
+    with ctx.progress() as progress:
+        metrics = train_tokenizer([v.path for v in found.videos], tokenizer_spec(cfg.tokenizer),
+                                  out_dir, progress=progress)
+    _print_metrics("tokenizer", metrics)
+    out.print(f"tokenizer written to {Path(out_dir) / 'tokenizer'}")
+
+
+def tokenizer_spec(tk: Any) -> Any:
+    from vimpac.tokenize.train_tokenizer import TokenizerTrainSpec
+
+    return TokenizerTrainSpec(codebook_size=tk.codebook_size, channels=tk.channels,
+                              image_size=tk.image_size, fps=tk.fps,
+                              frames_per_video=tk.frames_per_video, steps=tk.steps,
+                              batch_size=tk.batch_size, lr=tk.lr, holdout=tk.holdout,
+                              checkpoint_every=tk.checkpoint_every, seed=tk.seed)
+
+
+@tokenizer.command("import-dalle")
+@click.argument("encoder_pkl", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@handle_errors
+def tokenizer_import_dalle(encoder_pkl: str, out_dir: str) -> None:
+    """Convert OpenAI's DALL-E encoder.pkl (trusted files only) into vimpac's format."""
+    from vimpac.tokenize.dalle_import import import_dalle
+
+    model = import_dalle(encoder_pkl, out_dir)
+    out.print(f"DALL-E encoder imported to {out_dir} (fingerprint {model.fingerprint()[:16]})")
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str)):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------------- tokenize
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True),
+              help="tokenizer folder (from `tokenizer train` or `tokenizer import-dalle`)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="archive folder (created; rerun the same command to resume)")
+@click.option("--worker-index", type=int, default=None,
+              help="this worker's index (default: torchrun RANK or Slurm array id, else 0)")
+@click.option("--num-workers", type=int, default=None,
+              help="number of workers (default: torchrun WORLD_SIZE or Slurm array size, else 1)")
+@pass_ctx
+@handle_errors
+def tokenize(ctx: Context, inputs: tuple[str, ...], tokenizer_dir: str, out_dir: str,
+             worker_index: int | None, num_workers: int | None) -> None:
+    """Tokenize videos, folders, list files or datasets (ucf101:ROOT, ...) into an archive."""
+    from vimpac.common.archive import ArchiveError
+    from vimpac.finetune.datasets import DatasetError
+    from vimpac.tokenize.job import collect_inputs, run_tokenize
+
+    cfg = ctx.pipeline().tokenize
+    try:
+        found = collect_inputs(inputs)
+        with ctx.progress() as progress:
+            summary = run_tokenize(found, tokenizer_dir, out_dir, cfg, worker_index=worker_index,
+                                   num_workers=num_workers, progress=progress)
+    except (ArchiveError, DatasetError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    _print_tokenize_summary(summary, out_dir)
+    if summary.failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _print_tokenize_summary(summary: Any, out_dir: str) -> None:
+    if summary.nothing_to_do:
+        out.print(f"nothing to do: all {summary.skipped} videos are already in {out_dir}")
+    table = Table(title=f"tokenize -> {out_dir}")
+    for col in ("ok", "failed", "skipped", "frames", "tokens", "bytes", "frames/s", "seconds"):
+        table.add_column(col, justify="right")
+    nbytes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in summary.bytes.items()) or "0"
+    table.add_row(str(summary.ok), str(len(summary.failures)), str(summary.skipped),
+                  str(summary.frames), str(summary.tokens), nbytes,
+                  f"{summary.frames_per_second:.1f}", f"{summary.seconds:.1f}")
+    out.print(table)
+    if summary.failures:
+        failed = Table(title="failed inputs")
+        failed.add_column("input")
+        failed.add_column("reason")
+        for path, reason in summary.failures:
+            failed.add_row(path, reason)
+        out.print(failed)
+
+
+# ----------------------------------------------------------------------------------------- archive
+
+@cli.command()
+@click.argument("archive", type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def verify(archive: str) -> None:
+    """Check an archive's shard checksums and manifest; name any corrupt shard."""
+    from vimpac.common.archive import verify as verify_archive
+
+    report = verify_archive(archive)
+    for problem in report.problems:
+        console.print(f"[red]corrupt:[/red] {problem}", highlight=False, soft_wrap=True)
+    out.print(f"{report.shards_checked} shards, {report.files_checked} files checked: "
+              + ("ok" if report.ok else f"{len(report.problems)} problem(s)"))
+    if not report.ok:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@cli.group()
+def archive() -> None:
+    """Archive maintenance: merge worker manifests."""
+
+
+@archive.command("merge")
+@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def archive_merge(archive_dir: str) -> None:
+    """Write ARCHIVE/manifest.json combining every worker's manifest part."""
+    from vimpac.common.archive import ArchiveError, merge_manifests
+
+    try:
+        path = merge_manifests(archive_dir)
+    except ArchiveError as exc:
+        raise UsageError(str(exc)) from None
+    out.print(f"merged manifest written to {path}")
+
+
+# ----------------------------------------------------------------------------------------- pretrain
+
+@cli.command()
+@click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="run folder: checkpoints, metrics.jsonl, tensorboard/, pretrained.pt")
+@click.option("--stop-after", type=int, default=None,
+              help="stop after this many updates (rerun to continue)")
+@pass_ctx
+@handle_errors
+def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
+             stop_after: int | None) -> None:
+    """Pre-train on token archives (masked tokens + contrastive); resumable; torchrun-ready."""
+    from vimpac.common.archive import ArchiveError
+    from vimpac.common.checkpoint import CheckpointError
+    from vimpac.pretrain.train import PretrainError, run_pretrain
+
+    cfg = ctx.pipeline().pretrain
+    try:
+        with ctx.progress() as progress:
+            result = run_pretrain(list(archives), cfg, out_dir, progress=progress,
+                                  stop_after=stop_after)
+    except (ArchiveError, CheckpointError, PretrainError) as exc:
+        raise UsageError(str(exc)) from None
+    _print_metrics(f"pretrain step {result.step}", result.last_metrics)
+    if result.step >= cfg.steps:
+        out.print(f"pre-trained backbone: {result.pretrained}")
 
 
 def main() -> None:
