@@ -9,8 +9,9 @@ This module alone knows the on-disk format. An archive is a folder::
           tokens/<view>   uint16 [frames, H, W], all videos of the shard concatenated on frames
           offsets         int64 [videos + 1], video i is frames offsets[i]:offsets[i+1]
       wds/<shard>.tar                        webdataset shard: per video <name>.tokens.npy
-                                             (uint16 [T, H, W], first view), <name>.tokens.<view>.npy
-                                             for further views, and <name>.json metadata
+                                             (uint16 [T, H, W], first view),
+                                             <name>.tokens.<view>.npy for further views,
+                                             and <name>.json metadata
 
 Shards are immutable once written: each is built under a temporary name, fsynced, then renamed into
 place, and only then recorded in its worker's manifest part (itself rewritten atomically). A shard
@@ -56,7 +57,7 @@ class ChecksumError(ArchiveError):
     """A shard whose bytes do not match the manifest's checksum."""
 
 
-# ------------------------------------------------------------------------------------ manifest types
+# ---------------------------------------------------------------------------------- manifest types
 
 @dataclass(frozen=True)
 class View:
@@ -184,7 +185,7 @@ class ManifestPart:
                    complete=bool(data.get("complete", False)))
 
 
-# ------------------------------------------------------------------------------------- atomic files
+# ------------------------------------------------------------------------------------ atomic files
 
 def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -234,7 +235,7 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
-# ------------------------------------------------------------------------------------------ writing
+# ----------------------------------------------------------------------------------------- writing
 
 def shard_name(worker: int, seq: int) -> str:
     return f"shard-w{worker:05d}-{seq:06d}"
@@ -337,7 +338,7 @@ class ShardWriter:
         buf = io.BytesIO()
         first, *others = self.settings.view_names
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for i, (record, tokens) in enumerate(zip(self.records, self.tokens)):
+            for i, (record, tokens) in enumerate(zip(self.records, self.tokens, strict=True)):
                 member = f"{self.name}_{i:06d}"
                 _add_tar_member(tar, f"{member}.tokens.npy", _npy_bytes(tokens[first]))
                 for view in others:
@@ -403,7 +404,7 @@ def remove_orphans(root: str | Path, part: ManifestPart) -> list[str]:
     return removed
 
 
-# ------------------------------------------------------------------------------------------ reading
+# ----------------------------------------------------------------------------------------- reading
 
 @dataclass
 class Entry:
