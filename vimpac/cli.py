@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -392,6 +393,125 @@ def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
     _print_metrics(f"pretrain step {result.step}", result.last_metrics)
     if result.step >= cfg.steps:
         out.print(f"pre-trained backbone: {result.pretrained}")
+
+
+# --------------------------------------------------------------------------------------- pipelines
+
+RUNS_OPTION = click.option("--runs", "runs_dir", default="runs", show_default=True,
+                           envvar="VIMPAC_RUNS", type=click.Path(file_okay=False),
+                           help="folder of cached stage outputs")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@RUNS_OPTION
+@click.option("--dry-run", is_flag=True, help="print the plan: what runs, what is reused, where")
+@click.option("--force", multiple=True, metavar="STAGE",
+              help="redo this stage and the stages after it that read it (repeatable)")
+@pass_ctx
+@handle_errors
+def run(ctx: Context, name: str | None, runs_dir: str, dry_run: bool,
+        force: tuple[str, ...]) -> None:
+    """Run a named pipeline (default: demo), reusing every stage output that exists."""
+    from vimpac.pipeline import PipelineError, run_pipeline
+
+    config = ctx.pipeline(name)
+    start = time.perf_counter()
+    table = Table(title=f"pipeline {config.name}" + (" (dry run)" if dry_run else ""))
+    for col in ("stage", "status", "seconds", "output"):
+        table.add_column(col)
+
+    def show(outcome: Any) -> None:
+        secs = f"{outcome.seconds:.1f}" if outcome.status == "ran" else ""
+        table.add_row(outcome.name, outcome.status, secs, str(outcome.path))
+        if not dry_run:
+            console.print(f"[bold]{outcome.name}[/bold]: {outcome.status} ({outcome.path})",
+                          highlight=False)
+    try:
+        with ctx.progress() as progress:
+            outcomes = run_pipeline(config, runs_dir, force=force, dry_run=dry_run,
+                                    progress=progress if not dry_run else _null_progress(),
+                                    on_stage=show)
+    except PipelineError as exc:
+        raise UsageError(str(exc)) from None
+    out.print(table)
+    report = next((o for o in outcomes if o.name == "report" and o.status == "ran"), None)
+    if report is not None:
+        results = Table(title="results")
+        for col in ("stage", "figure", "value"):
+            results.add_column(col)
+        for row in report.result.get("rows", []):
+            results.add_row(*row)
+        out.print(results)
+        out.print(f"report: {report.result['report']}")
+    out.print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+def _null_progress() -> Any:
+    from vimpac.common.progress import NULL_PROGRESS
+
+    return NULL_PROGRESS
+
+
+def _all_pipelines(ctx: Context) -> list[Any]:
+    from vimpac.common.config import pipeline_names
+
+    return [load_pipeline(n, ctx.config_path, ctx.overrides)
+            for n in pipeline_names(ctx.config_path)]
+
+
+@cli.command("ls")
+@RUNS_OPTION
+@pass_ctx
+@handle_errors
+def ls_outputs(ctx: Context, runs_dir: str) -> None:
+    """List cached stage outputs with sizes and the pipelines that use them."""
+    from vimpac.pipeline import list_outputs
+
+    table = Table(title=f"cached outputs in {runs_dir}")
+    for col in ("kind", "key", "size", "complete", "used by"):
+        table.add_column(col)
+    for row in list_outputs(_all_pipelines(ctx), runs_dir):
+        table.add_row(row.kind, row.key, f"{row.bytes / 2**20:.1f} MiB",
+                      "yes" if row.complete else "partial", ", ".join(row.pipelines) or "-")
+    out.print(table)
+
+
+@cli.command()
+@RUNS_OPTION
+@click.option("--dry-run", is_flag=True, help="only list what would be removed")
+@pass_ctx
+@handle_errors
+def gc(ctx: Context, runs_dir: str, dry_run: bool) -> None:
+    """Remove cached outputs that no pipeline in the config refers to."""
+    from vimpac.pipeline import collect_garbage, garbage
+
+    rows = garbage(_all_pipelines(ctx), runs_dir) if dry_run else \
+        collect_garbage(_all_pipelines(ctx), runs_dir)
+    for row in rows:
+        out.print(f"{'would remove' if dry_run else 'removed'} {row.path} "
+                  f"({row.bytes / 2**20:.1f} MiB)")
+    out.print(f"{len(rows)} output(s) {'unreferenced' if dry_run else 'removed'}")
+
+
+@cli.command()
+@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--png", "png", required=True, type=click.Path(dir_okay=False),
+              help="picture to write")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True), default=None,
+              help="tokenizer folder, to draw VQ reconstructions")
+@click.option("--videos", default=3, show_default=True, help="videos to draw")
+@handle_errors
+def inspect(archive_dir: str, png: str, tokenizer_dir: str | None, videos: int) -> None:
+    """Draw a few archived videos: source frames, VQ reconstructions, token maps."""
+    from vimpac.common.archive import ArchiveError
+    from vimpac.tokenize.visualize import inspect_archive
+
+    try:
+        path = inspect_archive(archive_dir, png, tokenizer_dir=tokenizer_dir, videos=videos)
+    except (ArchiveError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    out.print(f"wrote {path}")
 
 
 def main() -> None:

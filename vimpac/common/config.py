@@ -154,6 +154,13 @@ class FinetuneConfig:
     grid: int = param(32, "token grid side (paper: 32 = 256 px)", ge=1, le=256)
     fps: float = param(4.0, "token frame rate of the dataset archive (paper: 2 UCF/K400, 4 others)",
                        gt=0)
+    view_scales: list[float] = param([1.0, 1.25], "training views: resize scales of the "
+                                                   "shorter side (paper: S and 1.25 S)")
+    view_crops: list[str] = param(["top", "center", "bottom"],
+                                  "training views: crop positions (paper: 3)")
+    view_hflip: bool = param(True, "training views: add flipped copies (paper; never for SSV2)")
+    compare_scratch: bool = param(False, "also fine-tune the same model from scratch with the "
+                                         "same budget (the paper's Table 7 baseline)")
     epochs: float = param(50.0, "passes over the training set", gt=0)
     batch_size: int = param(128, "videos per update", ge=1)
     micro_batch: int = param(16, "videos per forward pass per process", ge=1)
@@ -455,6 +462,14 @@ def check_consistency(config: PipelineConfig, where: _Where) -> None:
         raise where.error("tokenize.formats", tk.formats, "expected at least one format")
     if not tk.scales or any(s < 1.0 or s > 4.0 for s in tk.scales):
         raise where.error("tokenize.scales", tk.scales, "expected scales in [1.0, 4.0]")
+    for crop in config.finetune.view_crops:
+        if crop not in ("top", "center", "bottom"):
+            raise where.error("finetune.view_crops", config.finetune.view_crops,
+                              "expected items from top, center, bottom")
+    if any(s < 1.0 or s > 4.0 for s in config.finetune.view_scales) or \
+            not config.finetune.view_scales:
+        raise where.error("finetune.view_scales", config.finetune.view_scales,
+                          "expected scales in [1.0, 4.0]")
     for crop in config.evaluate.test_crops:
         if crop not in ("top", "center", "bottom"):
             raise where.error("evaluate.test_crops", config.evaluate.test_crops,

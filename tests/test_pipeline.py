@@ -1,0 +1,88 @@
+"""`vimpac run`: plans, content-addressed reuse across pipelines, --force, ls and gc."""
+
+import textwrap
+
+import pytest
+
+from vimpac.cli import cli
+from vimpac.common.config import PACKAGED_CONFIG, load_pipeline, pipeline_names
+from vimpac.pipeline import (
+    PipelineError,
+    build_plan,
+    collect_garbage,
+    dependents,
+    list_outputs,
+    run_pipeline,
+)
+
+
+def plan(name, runs, overrides=(), path=PACKAGED_CONFIG):
+    return {s.name: s for s in build_plan(load_pipeline(name, path, overrides), runs)}
+
+
+def test_every_packaged_pipeline_plans(tmp_path):
+    for name in pipeline_names(PACKAGED_CONFIG):
+        stages = plan(name, tmp_path)
+        assert "report" in stages and all(s.key for s in stages.values())
+
+
+def test_paper_recipes_dry_run_through_the_cli(cli_runner, tmp_path):
+    for name in ("howto100m-large-half", "howto100m-large-half-256", "ssv2-large-half",
+                 "diving48-large-half", "ucf101-large-half", "hmdb51-large-half",
+                 "kinetics400-large-half"):
+        result = cli_runner.invoke(cli, ["--config", str(PACKAGED_CONFIG), "run", name,
+                                         "--dry-run", "--runs", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert "planned" in result.output and "pretrain" in result.output
+
+
+def test_pretrain_only_change_reuses_the_archives(tmp_path):
+    a = plan("demo", tmp_path)
+    b = plan("demo", tmp_path, ["pretrain.lr=3e-4"])
+    for shared in ("data", "tokenizer", "tokens-pretrain", "tokens-finetune"):
+        assert a[shared].path == b[shared].path
+    for redone in ("pretrain", "finetune", "evaluate"):
+        assert a[redone].path != b[redone].path
+    assert a["finetune-scratch"].path == b["finetune-scratch"].path   # scratch needs no pretrain
+    c = plan("demo", tmp_path, ["tokenize.decode_workers=1"])       # speed knobs: same outputs
+    assert c["tokens-pretrain"].path == a["tokens-pretrain"].path
+
+
+def test_finetune_recipes_share_the_pretraining_stage(tmp_path):
+    ssv2, ucf = plan("ssv2-large-half", tmp_path), plan("ucf101-large-half", tmp_path)
+    assert ssv2["pretrain"].path == ucf["pretrain"].path
+    assert ssv2["tokens-finetune"].path != ucf["tokens-finetune"].path
+
+
+def test_dependents_of_a_forced_stage(tmp_path):
+    stages = build_plan(load_pipeline("demo", PACKAGED_CONFIG), tmp_path)
+    assert dependents(stages, {"pretrain"}) == {"pretrain", "finetune", "evaluate", "report"}
+    with pytest.raises(PipelineError, match="no such stage"):
+        run_pipeline(load_pipeline("demo", PACKAGED_CONFIG), tmp_path, force=("bogus",),
+                     dry_run=True)
+
+
+def test_ls_and_gc(tmp_path):
+    cfg = load_pipeline("demo", PACKAGED_CONFIG)
+    stages = {s.name: s for s in build_plan(cfg, tmp_path)}
+    stages["tokens-pretrain"].path.mkdir(parents=True)
+    (stages["tokens-pretrain"].path / "DONE.json").write_text('{"result": {}}')
+    stale = tmp_path / "tokens" / "0123456789abcdef"
+    stale.mkdir(parents=True)
+    (stale / "x.bin").write_bytes(b"x" * 100)
+    rows = {r.path: r for r in list_outputs([cfg], tmp_path)}
+    assert rows[stages["tokens-pretrain"].path].pipelines == ["demo"]
+    assert rows[stale].pipelines == [] and rows[stale].bytes == 100
+    removed = collect_garbage([cfg], tmp_path)
+    assert [r.path for r in removed] == [stale] and not stale.exists()
+    assert stages["tokens-pretrain"].path.exists()
+
+
+def test_user_data_pipeline_needs_inputs(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(textwrap.dedent("""
+        pipelines:
+          mine: {data: {synthetic: false}}
+    """))
+    with pytest.raises(PipelineError, match="pretrain_inputs"):
+        build_plan(load_pipeline("mine", path), tmp_path)

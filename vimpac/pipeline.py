@@ -1,0 +1,429 @@
+"""``vimpac run``: a named pipeline as a plan of content-addressed, reusable stage outputs.
+
+Every stage's output goes to ``RUNS/<kind>/<key>/`` where ``key`` hashes the stage's resolved config
+section and the keys of the stages it reads. A folder with ``DONE.json`` is complete and is reused
+by any pipeline whose plan names the same key; a folder without it is resumed (each stage's own job
+is resumable). So two pipelines with the same tokenize settings share one token archive, and a
+pipeline that changes only pre-training settings reuses everything before pre-training.
+
+Plan (synthetic data)::
+
+    data -> tokenizer -> tokens-pretrain -> pretrain -> finetune ----------> evaluate -> report
+               \\-------> tokens-finetune ------------/  finetune-scratch -> evaluate-scratch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vimpac.common.archive import atomic_write_json
+from vimpac.common.config import PipelineConfig, config_to_yaml
+from vimpac.common.progress import NULL_PROGRESS, Progress
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+DONE = "DONE.json"
+
+
+@dataclass
+class Stage:
+    """One step of a plan: what it computes from what, and where its output lives."""
+    name: str                                   # e.g. "tokens-pretrain"
+    kind: str                                   # folder under RUNS: data, tokenizer, tokens, ...
+    settings: dict[str, Any]                    # the resolved config that defines the output
+    needs: list[str] = field(default_factory=list)
+    key: str = ""
+    path: Path = Path()
+
+    def done(self) -> bool:
+        return (self.path / DONE).is_file()
+
+    def result(self) -> dict[str, Any]:
+        return json.loads((self.path / DONE).read_text())["result"]
+
+
+class PipelineError(RuntimeError):
+    """A pipeline that cannot be planned or run as configured."""
+
+
+def stable_hash(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+def _tokenize_settings(config: PipelineConfig, labelled: bool) -> dict[str, Any]:
+    tk = dataclasses.asdict(config.tokenize)
+    for volatile in ("decode_workers", "batch_frames", "device", "decode_timeout_s"):
+        tk.pop(volatile)                            # how fast, not what: not part of the key
+    if labelled:
+        ft = config.finetune
+        tk.update(fps=ft.fps, scales=ft.view_scales, crops=ft.view_crops, hflip=ft.view_hflip)
+    return tk
+
+
+def _finetune_settings(config: PipelineConfig, init: str) -> dict[str, Any]:
+    ft = dataclasses.asdict(config.finetune)
+    for volatile in ("num_workers", "compare_scratch"):
+        ft.pop(volatile)
+    ft["init"] = init
+    ft["model"] = config.pretrain.model
+    return ft
+
+
+def _pretrain_settings(config: PipelineConfig) -> dict[str, Any]:
+    pt = dataclasses.asdict(config.pretrain)
+    for volatile in ("num_workers", "checkpoint_every", "keep_checkpoints", "log_every"):
+        pt.pop(volatile)
+    return pt
+
+
+def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
+    """The stages of ``config`` in run order, each with its key and output folder."""
+    runs = Path(runs)
+    d, stages = config.data, []
+    if d.synthetic:
+        stages.append(Stage("data", "data", {k: v for k, v in dataclasses.asdict(d).items()
+                                             if k.startswith("synth")}))
+        pretrain_inputs = {"from": "data", "path": "uncurated"}
+        finetune_inputs = {"from": "data", "dataset": "ucf101", "path": "ucf101"}
+    else:
+        if not d.pretrain_inputs and not d.finetune_dataset:
+            raise PipelineError(f"pipeline '{config.name}': data.synthetic is false but neither "
+                                "data.pretrain_inputs nor data.finetune_dataset is set")
+        pretrain_inputs = {"paths": [str(Path(p).resolve()) for p in d.pretrain_inputs]}
+        finetune_inputs = {"dataset": d.finetune_dataset}
+    tk_cfg = dataclasses.asdict(config.tokenizer)
+    if config.tokenizer.source == "train":
+        stages.append(Stage("tokenizer", "tokenizer", {"tokenizer": tk_cfg,
+                                                       "inputs": pretrain_inputs},
+                            ["data"] if d.synthetic else []))
+    elif config.tokenizer.source == "dalle":
+        stages.append(Stage("tokenizer", "tokenizer", {"dalle": _file_identity(
+            config.tokenizer.path)}))
+    tok_needs = ["tokenizer"] if config.tokenizer.source != "path" else []
+    tok_id = {"path": str(Path(config.tokenizer.path).resolve())} if not tok_needs else {}
+    data_needs = ["data"] if d.synthetic else []
+    has_pretrain = bool(d.synthetic or d.pretrain_inputs)
+    has_finetune = bool(d.synthetic or d.finetune_dataset)
+    if has_pretrain:
+        stages.append(Stage("tokens-pretrain", "tokens", {
+            "tokenize": _tokenize_settings(config, False), "inputs": pretrain_inputs, **tok_id},
+            tok_needs + data_needs))
+        stages.append(Stage("pretrain", "pretrain", {"pretrain": _pretrain_settings(config)},
+                            ["tokens-pretrain"]))
+    if has_finetune:
+        stages.append(Stage("tokens-finetune", "tokens", {
+            "tokenize": _tokenize_settings(config, True), "inputs": finetune_inputs, **tok_id},
+            tok_needs + data_needs))
+        variants = []
+        if has_pretrain and config.finetune.init == "pretrained":
+            variants.append(("finetune", "pretrained", ["tokens-finetune", "pretrain"]))
+        if config.finetune.init == "scratch" or config.finetune.compare_scratch or \
+                not has_pretrain:
+            variants.append(("finetune-scratch", "scratch", ["tokens-finetune"]))
+        for name, init, needs in variants:
+            stages.append(Stage(name, "finetune", {"finetune": _finetune_settings(config, init)},
+                                needs))
+            stages.append(Stage(name.replace("finetune", "evaluate"), "evaluate",
+                                {"evaluate": dataclasses.asdict(config.evaluate)}, [name]))
+    stages.append(Stage("report", "reports", {"pipeline": config.name}, []))
+    _assign_keys(stages, runs)
+    return stages
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():                       # plannable (--dry-run); running it will say why
+        return {"path": str(p.resolve()), "missing": True}
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _assign_keys(stages: list[Stage], runs: Path) -> None:
+    by_name = {s.name: s for s in stages}
+    for stage in stages:
+        upstream = {n: by_name[n].key for n in stage.needs}
+        stage.key = stable_hash({"v": PLAN_VERSION, "kind": stage.kind,
+                                 "settings": stage.settings, "needs": upstream})
+        stage.path = runs / stage.kind / stage.key
+    report = by_name["report"]
+    report.needs = [s.name for s in stages if s.name != "report"]
+    report.path = runs / "reports" / str(report.settings["pipeline"])
+
+
+# ------------------------------------------------------------------------------------------ run
+
+@dataclass
+class RunContext:
+    config: PipelineConfig
+    runs: Path
+    stages: dict[str, Stage]
+    progress: Progress = NULL_PROGRESS
+
+    def path(self, name: str) -> Path:
+        return self.stages[name].path
+
+    def result(self, name: str) -> dict[str, Any]:
+        return self.stages[name].result()
+
+
+StageFn = Callable[[RunContext, Stage], dict[str, Any]]
+
+
+def stage_data(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    from vimpac.common.synth import SynthSpec, write_corpus
+
+    d = ctx.config.data
+    spec = SynthSpec(seed=d.synth_seed, train_per_class=d.synth_train_per_class,
+                     val_per_class=d.synth_val_per_class, width=d.synth_size,
+                     height=d.synth_size, uncurated_videos=d.synth_uncurated_videos)
+    return {"corpus": write_corpus(stage.path, spec, progress=ctx.progress)["counts"]}
+
+
+def _pretrain_inputs(ctx: RunContext) -> list[str]:
+    if ctx.config.data.synthetic:
+        return [str(ctx.path("data") / "uncurated")]
+    return list(ctx.config.data.pretrain_inputs)
+
+
+def _finetune_inputs(ctx: RunContext) -> list[str]:
+    if ctx.config.data.synthetic:
+        return [f"ucf101:{ctx.path('data') / 'ucf101'}"]
+    return [ctx.config.data.finetune_dataset]
+
+
+def _tokenizer_dir(ctx: RunContext) -> Path:
+    if ctx.config.tokenizer.source == "path":
+        return Path(ctx.config.tokenizer.path)
+    return ctx.path("tokenizer") / "tokenizer"
+
+
+def stage_tokenizer(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    tk = ctx.config.tokenizer
+    if tk.source == "dalle":
+        from vimpac.tokenize.dalle_import import import_dalle
+
+        if not Path(tk.path).is_file():
+            raise PipelineError(f"tokenizer.path = {tk.path!r}: no such file (OpenAI's DALL-E "
+                                "encoder.pkl, which vimpac cannot download for you)")
+        model = import_dalle(tk.path, stage.path / "tokenizer")
+        return {"fingerprint": model.fingerprint()}
+    from vimpac.tokenize.job import collect_inputs
+    from vimpac.tokenize.train_tokenizer import TokenizerTrainSpec, train_tokenizer
+
+    videos = [v.path for v in collect_inputs(_pretrain_inputs(ctx)).videos]
+    spec = TokenizerTrainSpec(codebook_size=tk.codebook_size, channels=tk.channels,
+                              image_size=tk.image_size, fps=tk.fps,
+                              frames_per_video=tk.frames_per_video, steps=tk.steps,
+                              batch_size=tk.batch_size, lr=tk.lr, holdout=tk.holdout,
+                              checkpoint_every=tk.checkpoint_every, seed=tk.seed)
+    metrics = train_tokenizer(videos, spec, stage.path, progress=ctx.progress)
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def _tokenize(ctx: RunContext, stage: Stage, inputs: list[str], labelled: bool) -> dict[str, Any]:
+    from vimpac.tokenize.job import run_tokenize
+
+    cfg = ctx.config.tokenize
+    if labelled:
+        ft = ctx.config.finetune
+        cfg = dataclasses.replace(cfg, fps=ft.fps, scales=ft.view_scales, crops=ft.view_crops,
+                                  hflip=ft.view_hflip)
+    summary = run_tokenize(inputs, _tokenizer_dir(ctx), stage.path / "archive", cfg,
+                           worker_index=0, num_workers=1, progress=ctx.progress)
+    for path, reason in summary.failures:
+        log.warning("not tokenized: %s: %s", path, reason)
+    return {"ok": summary.ok + summary.skipped, "failed": len(summary.failures),
+            "frames": summary.frames, "bytes": summary.bytes}
+
+
+def stage_tokens_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    return _tokenize(ctx, stage, _pretrain_inputs(ctx), labelled=False)
+
+
+def stage_tokens_finetune(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    return _tokenize(ctx, stage, _finetune_inputs(ctx), labelled=True)
+
+
+def stage_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    from vimpac.pretrain.train import run_pretrain
+
+    result = run_pretrain([ctx.path("tokens-pretrain") / "archive"], ctx.config.pretrain,
+                          stage.path, progress=ctx.progress)
+    return {"step": result.step, **{k: float(v) for k, v in result.last_metrics.items()}}
+
+
+def _finetune(ctx: RunContext, stage: Stage, init: str | None) -> dict[str, Any]:
+    from vimpac.finetune.train import run_finetune
+
+    summary = run_finetune(ctx.path("tokens-finetune") / "archive", ctx.config.finetune,
+                           stage.path, init=init, model_preset=ctx.config.pretrain.model,
+                           progress=ctx.progress)
+    return json.loads(json.dumps(summary, default=str))
+
+
+def stage_finetune(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    return _finetune(ctx, stage, str(ctx.path("pretrain") / "pretrained.pt"))
+
+
+def stage_finetune_scratch(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    return _finetune(ctx, stage, None)
+
+
+def _evaluate(ctx: RunContext, stage: Stage, finetuned: str) -> dict[str, Any]:
+    from vimpac.finetune.evaluate import run_evaluate
+
+    ckpt = ctx.path(finetuned) / "best.pt"
+    results = run_evaluate(ctx.path("tokens-finetune") / "archive", ckpt, ctx.config.evaluate,
+                           stage.path)
+    return json.loads(json.dumps(results, default=str))
+
+
+def stage_evaluate(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    return _evaluate(ctx, stage, "finetune")
+
+
+def stage_evaluate_scratch(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    return _evaluate(ctx, stage, "finetune-scratch")
+
+
+def stage_report(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    from vimpac.report import write_report
+
+    return write_report(ctx, stage.path)
+
+
+STAGES: dict[str, StageFn] = {
+    "data": stage_data, "tokenizer": stage_tokenizer,
+    "tokens-pretrain": stage_tokens_pretrain, "tokens-finetune": stage_tokens_finetune,
+    "pretrain": stage_pretrain, "finetune": stage_finetune,
+    "finetune-scratch": stage_finetune_scratch, "evaluate": stage_evaluate,
+    "evaluate-scratch": stage_evaluate_scratch, "report": stage_report,
+}
+
+
+def dependents(stages: list[Stage], names: set[str]) -> set[str]:
+    """``names`` and every stage that reads from them, transitively."""
+    out = set(names)
+    changed = True
+    while changed:
+        changed = False
+        for s in stages:
+            if s.name not in out and out & set(s.needs):
+                out.add(s.name)
+                changed = True
+    return out
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    path: Path
+    status: str                 # reused | ran | planned
+    seconds: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def run_pipeline(config: PipelineConfig, runs: str | Path, *, force: tuple[str, ...] = (),
+                 dry_run: bool = False, progress: Progress = NULL_PROGRESS,
+                 on_stage: Callable[[StageOutcome], None] | None = None) -> list[StageOutcome]:
+    """Run (or, with ``dry_run``, only plan) every stage of ``config`` that is not done."""
+    stages = build_plan(config, runs)
+    names = {s.name for s in stages}
+    unknown = set(force) - names
+    if unknown:
+        raise PipelineError(f"--force {sorted(unknown)[0]}: no such stage in pipeline "
+                            f"'{config.name}' (stages: {', '.join(s.name for s in stages)})")
+    redo = dependents(stages, set(force))
+    ctx = RunContext(config, Path(runs), {s.name: s for s in stages}, progress)
+    outcomes = []
+    for stage in stages:
+        again = stage.name in redo or stage.name == "report"
+        if stage.done() and not again:
+            outcome = StageOutcome(stage.name, stage.path, "reused", result=stage.result())
+        elif dry_run:
+            outcome = StageOutcome(stage.name, stage.path, "planned")
+        else:
+            outcome = _run_stage(ctx, stage, fresh=stage.name in redo and stage.name != "report")
+        outcomes.append(outcome)
+        if on_stage:
+            on_stage(outcome)
+    return outcomes
+
+
+def _run_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
+    if fresh and stage.path.exists():
+        shutil.rmtree(stage.path)
+    stage.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stage.path / "stage.json", {
+        "name": stage.name, "kind": stage.kind, "key": stage.key, "settings": stage.settings,
+        "needs": {n: ctx.stages[n].key for n in stage.needs}, "pipeline": ctx.config.name})
+    (stage.path / "config.yaml").write_text(config_to_yaml(ctx.config))
+    log.info("stage %s -> %s", stage.name, stage.path)
+    start = time.perf_counter()
+    result = STAGES[stage.name](ctx, stage)
+    seconds = time.perf_counter() - start
+    atomic_write_json(stage.path / DONE, {"result": result, "seconds": seconds,
+                                          "finished": time.time()})
+    return StageOutcome(stage.name, stage.path, "ran", seconds, result)
+
+
+# --------------------------------------------------------------------------------- ls / gc
+
+@dataclass
+class CachedOutput:
+    kind: str
+    key: str
+    path: Path
+    bytes: int
+    complete: bool
+    pipelines: list[str]
+
+
+def referenced(configs: list[PipelineConfig], runs: Path) -> dict[Path, list[str]]:
+    """Output folder -> names of the pipelines whose plans use it."""
+    refs: dict[Path, list[str]] = {}
+    for config in configs:
+        try:
+            stages = build_plan(config, runs)
+        except PipelineError as exc:
+            log.warning("%s", exc)
+            continue
+        for stage in stages:
+            refs.setdefault(stage.path, []).append(config.name)
+    return refs
+
+
+def list_outputs(configs: list[PipelineConfig], runs: str | Path) -> list[CachedOutput]:
+    runs = Path(runs)
+    refs = referenced(configs, runs)
+    rows = []
+    for kind_dir in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
+        for out in sorted(p for p in kind_dir.iterdir() if p.is_dir()):
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            rows.append(CachedOutput(kind_dir.name, out.name, out, size, (out / DONE).is_file(),
+                                     sorted(set(refs.get(out, [])))))
+    return rows
+
+
+def garbage(configs: list[PipelineConfig], runs: str | Path) -> list[CachedOutput]:
+    return [row for row in list_outputs(configs, runs) if not row.pipelines]
+
+
+def collect_garbage(configs: list[PipelineConfig], runs: str | Path) -> list[CachedOutput]:
+    removed = garbage(configs, runs)
+    for row in removed:
+        shutil.rmtree(row.path)
+    return removed

@@ -1,0 +1,205 @@
+"""The pipeline report: ``report.md`` with the results table and the pictures that explain them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vimpac.pipeline import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
+    """(stage, figure, value) rows of everything the pipeline measured."""
+    rows: list[tuple[str, str, str]] = []
+    names = ctx.stages
+
+    def add(stage: str, figure: str, value: Any, fmt: str = "{:.3g}") -> None:
+        if value is None:
+            return
+        rows.append((stage, figure, fmt.format(value) if isinstance(value, float) else str(value)))
+
+    if "tokenizer" in names and names["tokenizer"].done():
+        r = names["tokenizer"].result()
+        for key in ("psnr", "code_usage", "perplexity"):
+            add("tokenizer", key, r.get(key))
+    for name in ("tokens-pretrain", "tokens-finetune"):
+        if name in names and names[name].done():
+            r = names[name].result()
+            add(name, "videos ok / failed", f"{r.get('ok')} / {r.get('failed')}")
+    if "pretrain" in names and names["pretrain"].done():
+        r = names["pretrain"].result()
+        for key in ("step", "mlm_acc", "nce_acc", "mlm_loss", "nce_loss"):
+            add("pretrain", key, r.get(key))
+    for variant in ("evaluate", "evaluate-scratch"):
+        if variant in names and names[variant].done():
+            r = names[variant].result()
+            label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
+            add(label, "top-1 (multi-view)", r.get("top1"), "{:.1%}")
+            add(label, "top-5 (multi-view)", r.get("top5"), "{:.1%}")
+    return rows
+
+
+def plot_curves(ctx: RunContext, out: Path) -> Path | None:
+    plt = _plt()
+    pre = _metrics(ctx.path("pretrain") / "metrics.jsonl") if "pretrain" in ctx.stages else []
+    fts = {n: _metrics(ctx.path(n) / "metrics.jsonl") for n in ("finetune", "finetune-scratch")
+           if n in ctx.stages}
+    if not pre and not any(fts.values()):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    if pre:
+        steps = [m["step"] for m in pre]
+        axes[0].plot(steps, [m["mlm_loss"] for m in pre], label="masked-token loss")
+        axes[0].plot(steps, [m["nce_loss"] for m in pre], label="contrastive loss")
+        axes[0].set_title("pre-training losses")
+        axes[1].plot(steps, [m["mlm_acc"] for m in pre], label="masked-token accuracy")
+        axes[1].plot(steps, [m["nce_acc"] for m in pre], label="contrastive accuracy")
+        axes[1].set_title("pre-training accuracies")
+    for name, rows in fts.items():
+        val = [(m["step"], m["val_top1"]) for m in rows if "val_top1" in m]
+        if val:
+            axes[2].plot(*zip(*val, strict=True), marker="o",
+                         label="pre-trained" if name == "finetune" else "from scratch")
+    axes[2].set_title("fine-tuning: validation top-1")
+    for ax in axes:
+        ax.set_xlabel("update")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(ctx: RunContext, out: Path) -> Path | None:
+    values = {}
+    for name, label in (("evaluate", "pre-trained"), ("evaluate-scratch", "scratch")):
+        if name in ctx.stages and ctx.stages[name].done():
+            values[label] = ctx.stages[name].result().get("top1")
+    if len(values) < 2 or None in values.values():
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    bars = ax.bar(list(values), [100 * v for v in values.values()], color=["#2a7", "#999"])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("fine-tuning: pre-trained vs scratch")
+    fig.tight_layout()
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_masks(ctx: RunContext, out: Path) -> Path | None:
+    """The paper's block masks, drawn over real frames of a pre-training video."""
+    import torch
+
+    from vimpac.common.archive import Archive
+    from vimpac.common.video import DecodeSpec, VideoError, decode_video
+    from vimpac.pretrain.masking import block_mask, default_num_blocks
+    from vimpac.tokenize.visualize import mask_overlay_png
+
+    if "tokens-pretrain" not in ctx.stages:
+        return None
+    archive = Archive(ctx.path("tokens-pretrain") / "archive")
+    pt, s = ctx.config.pretrain, archive.settings
+    spec = DecodeSpec(fps=s.fps, shorter_side=s.shorter_side, size=s.size, crop="center")
+    for entry in archive.entries:
+        if entry.frames < pt.frames:
+            continue
+        try:
+            frames = decode_video(archive.records[entry.key].source, spec)[:pt.frames]
+        except VideoError:
+            continue
+        grid = s.grid[0]
+        blocks = pt.num_blocks or default_num_blocks(pt.frames, grid)
+        gen = torch.Generator().manual_seed(0)
+        mask = block_mask(1, pt.frames, grid, grid, blocks, generator=gen)[0].numpy()
+        return mask_overlay_png(frames, mask, out / "masks.png",
+                                f"{blocks} blocks over T={pt.frames}, {grid}x{grid} tokens: "
+                                f"{mask.mean():.1%} masked")
+    return None
+
+
+def _copy(src: Path, out: Path, name: str) -> Path | None:
+    if not src.is_file():
+        return None
+    dst = out / name
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def write_report(ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Write ``out/report.md`` and its PNGs; return the results table as a dict."""
+    from vimpac.tokenize.visualize import inspect_archive
+
+    out.mkdir(parents=True, exist_ok=True)
+    pictures: list[tuple[str, Path | None]] = []
+    if "tokens-pretrain" in ctx.stages and ctx.stages["tokens-pretrain"].done():
+        tok = ctx.path("tokenizer") / "tokenizer" if "tokenizer" in ctx.stages else None
+        try:
+            pictures.append(("Source frames, VQ reconstructions and token maps",
+                             inspect_archive(ctx.path("tokens-pretrain") / "archive",
+                                             out / "tokens.png", tokenizer_dir=tok)))
+        except Exception as exc:  # a picture must not fail the report
+            log.warning("token picture skipped: %s", exc)
+    if "tokenizer" in ctx.stages:
+        pictures.append(("Tokenizer: held-out frames (top) and reconstructions (bottom)",
+                         _copy(ctx.path("tokenizer") / "reconstructions.png", out,
+                               "reconstructions.png")))
+    for title, fn in (("Block masks over real frames", plot_masks),
+                      ("Loss and accuracy curves", plot_curves),
+                      ("Pre-trained vs scratch", plot_comparison)):
+        try:
+            pictures.append((title, fn(ctx, out)))
+        except Exception as exc:
+            log.warning("%s skipped: %s", title, exc)
+    if "evaluate" in ctx.stages and ctx.stages["evaluate"].done():
+        png = ctx.stages["evaluate"].result().get("confusion_png")
+        if png:
+            pictures.append(("Confusion matrix (pre-trained, fine-tuned)",
+                             _copy(Path(png), out, "confusion.png")))
+    rows = results_table(ctx)
+    lines = [f"# vimpac report: pipeline `{ctx.config.name}`", "",
+             ctx.config.description, "", "| stage | figure | value |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "## Stage outputs", ""]
+    lines += [f"- `{s.name}`: `{s.path}`" for s in ctx.stages.values() if s.name != "report"]
+    for title, path in pictures:
+        if path is not None:
+            lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"report": str(out / "report.md"), "rows": [list(r) for r in rows]}
+
+
+def comparison(rows: list[list[str]]) -> tuple[float | None, float | None]:
+    """(pre-trained top-1, scratch top-1) from a report's rows, as fractions."""
+    def pick(label: str) -> float | None:
+        for stage, figure, value in rows:
+            if stage == label and figure.startswith("top-1"):
+                return float(value.rstrip("%")) / 100
+        return None
+    return pick("fine-tuned from pre-training"), pick("from scratch")
