@@ -1,0 +1,422 @@
+"""Fine-tuning and evaluation on small synthetic labelled archives written with the archive writer
+(no video decoding): clip sampling, learning, pre-trained loading, position interpolation, exact
+resume, multi-view evaluation and the frozen-feature probes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vimpac.common.archive import (
+    ArchiveError,
+    ArchiveSettings,
+    ManifestPart,
+    ShardWriter,
+    VideoRecord,
+    View,
+    make_views,
+    save_part,
+    shard_name,
+)
+from vimpac.common.checkpoint import CheckpointError, load_checkpoint
+from vimpac.common.config import EvaluateConfig, FinetuneConfig
+from vimpac.common.training import read_metrics
+from vimpac.finetune.data import TestClips, TrainClips, clip_starts, pick_test_views
+from vimpac.finetune.evaluate import (
+    classification_metrics,
+    knn_probe,
+    linear_probe,
+    mean_over_splits,
+    run_evaluate,
+    run_probes,
+    view_averaged_probs,
+)
+from vimpac.finetune.train import (
+    UpdateSampler,
+    build_model,
+    load_backbone_state,
+    load_finetuned,
+    run_finetune,
+)
+from vimpac.pretrain.export import save_pretrained
+from vimpac.pretrain.model import PRESETS, VimpacBackbone, interpolate_table
+
+CODEBOOK, PAD = 16, 17
+SMALL = dataclasses.replace(PRESETS["tiny"], codebook_size=CODEBOOK, layers=1, dim=32, heads=2,
+                            mlp_dim=64, frames=4, height=4, width=4, dropout=0.0)
+CFG = FinetuneConfig(frames=4, grid=4, fps=4.0, epochs=8, batch_size=8, micro_batch=4, lr=3e-3,
+                     dropout=0.0, num_workers=0)
+SHIFT = {"top": -1, "center": 0, "bottom": 1}
+
+
+# ------------------------------------------------------------------------------------ the archive
+
+def motion_video(rng: np.random.Generator, length: int, label: int, grid: tuple[int, int],
+                 shift: int, period: int = 4, noise: float = 0.2) -> np.ndarray:
+    """A stripe pattern moving right (label 0) or left (label 1), 20 % noise tokens.
+
+    Each class draws its stripes from its own tokens (1-4 vs 5-8), so the label is also visible
+    in the token histogram: a one-layer model learns it in a few updates.
+    """
+    h, w = grid
+    direction = 1 - 2 * label
+    t = np.arange(length)[:, None, None]
+    x = np.arange(w)[None, None, :] + np.zeros((1, h, 1), dtype=int)
+    video = 1 + (x + shift - direction * t) % period + period * label
+    noisy = rng.random(video.shape) < noise
+    video = np.where(noisy, rng.integers(2 * period + 1, CODEBOOK, size=video.shape), video)
+    return video.astype(np.uint16)
+
+
+def make_archive(root: Path, *, n_train: int = 24, n_val: int = 12, grid: tuple[int, int] = (4, 4),
+                 fingerprint: str = "fp-test", labelled: bool = True,
+                 crops: tuple[str, ...] = ("top", "center", "bottom"),
+                 lengths: tuple[int, int] = (3, 12), seed: int = 0) -> Path:
+    """A labelled zarr archive (list layout: splits train / val) of synthetic motion tokens."""
+    rng = np.random.default_rng(seed)
+    dataset = {"name": "list", "root": "/synthetic", "classes": ["right", "left"]}
+    settings = ArchiveSettings(
+        tokenizer_fingerprint=fingerprint, codebook_size=CODEBOOK, grid=grid, fps=4.0,
+        shorter_side=32, size=32, views=make_views([1.0], list(crops), False), formats=["zarr"],
+        dataset=dataset if labelled else None)
+    part = ManifestPart(settings=settings, complete=True)
+    specs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
+    for seq, first in enumerate(range(0, len(specs), 16)):
+        writer = ShardWriter(root, shard_name(0, seq), settings, chunk_frames=16)
+        for split, i in specs[first:first + 16]:
+            length = int(rng.integers(lengths[0], lengths[1] + 1))
+            video_seed = int(rng.integers(1 << 30))
+            tokens = {v.name: motion_video(np.random.default_rng(video_seed), length, i % 2, grid,
+                                           SHIFT[v.crop]) for v in settings.views}
+            record = VideoRecord(key=f"{split}/{i:03d}", source=f"{split}/{i:03d}.mp4", size=0,
+                                 mtime=0.0, label=i % 2, splits=[split])
+            writer.add(record, tokens)
+            part.videos[record.key] = record
+        part.shards.append(writer.commit())
+    save_part(root, part)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread is far faster than two fighting other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def test_preset():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "test", SMALL)
+        yield "test"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return make_archive(tmp_path_factory.mktemp("labelled") / "arch")
+
+
+@pytest.fixture(scope="module")
+def finetuned(archive, test_preset, tmp_path_factory) -> tuple[Path, dict]:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("finetune")
+    return out, run_finetune(archive, CFG, out, model_preset=test_preset)
+
+
+def pretrained_file(path: Path, config=SMALL, fingerprint: str = "fp-test", seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    save_pretrained(path, VimpacBackbone(config), tokenizer_fingerprint=fingerprint, step=10)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def test_train_clips_are_deterministic_random_views_with_padding(archive):
+    data = TrainClips(archive, "train", 4, 4, None, PAD, seed=3)
+    assert len(data) == 24 and data.views == ["s1_center", "s1_top", "s1_bottom"]
+    tokens, label = data[(2, 5)]
+    assert tokens.shape == (4, 4, 4) and tokens.dtype == torch.int64 and label == 1
+    assert torch.equal(data[(2, 5)][0], tokens)
+    data.set_epoch(2)
+    assert torch.equal(data[5][0], tokens)
+    assert any(not torch.equal(data[(e, 5)][0], tokens) for e in range(3, 8))
+    short = next(i for i, e in enumerate(data.entries) if e.frames < 4)
+    clip = data[short][0]
+    n = data.entries[short].frames
+    assert (clip[n:] == PAD).all() and (clip[:n] != PAD).all()
+    choices = [data.choose(e, i) for e in range(20) for i in range(len(data))]
+    counts = {v: sum(c.view == v for c in choices) for v in data.views}
+    assert min(counts.values()) > 0.25 * len(choices)          # uniform over the 3 views
+    longest = max(range(len(data)), key=lambda i: data.entries[i].frames)
+    starts = {data.choose(e, longest).start for e in range(200)}
+    assert starts == set(range(data.entries[longest].frames - 4 + 1))  # [0, len - T], both ends
+
+
+def test_train_clips_crop_larger_grid_in_token_space(tmp_path):
+    root = make_archive(tmp_path / "big", n_train=4, n_val=2, grid=(6, 6))
+    data = TrainClips(root, "train", 4, 4, ["s1_center"], PAD, seed=0)
+    full = data.shard(data.entries[0].shard).read(data.entries[0].index, "s1_center")
+    tokens = data[(0, 0)][0].numpy()
+    windows = [(y, x) for y in range(3) for x in range(3)
+               for s in range(len(full)) if len(full[s:s + 4]) == 4
+               and (full[s:s + 4, y:y + 4, x:x + 4] == tokens).all()]
+    assert windows
+    with pytest.raises(ArchiveError, match="smaller than the model"):
+        TrainClips(root, "train", 4, 8, None, PAD, seed=0)
+
+
+def test_test_clip_starts_include_first_and_last():
+    assert clip_starts(10, 4, 3) == [0, 3, 6]
+    assert clip_starts(11, 4, 4) == [0, 2, 5, 7]
+    assert clip_starts(3, 4, 2) == [0, 0]              # shorter than T: padded, start 0
+    assert clip_starts(10, 4, 1) == [3]                # one clip: the middle
+    assert clip_starts(10, 3, 2, step=2) == [0, 5]     # strided: last start reaches frame 9
+
+
+def test_test_clips_views_and_order(archive):
+    data = TestClips(archive, "val", 4, 4, num_clips=3, crops=["top", "center", "bottom"],
+                     pad_id=PAD)
+    assert data.views == ["s1_top", "s1_center", "s1_bottom"]
+    index = max(range(len(data)), key=lambda i: data.entries[i].frames)
+    entry = data.entries[index]
+    tokens, label = data[index]
+    assert tokens.shape == (9, 4, 4, 4) and label == entry.label
+    top = data.shard(entry.shard).read(entry.index, "s1_top").astype(np.int64)
+    assert (tokens[0].numpy() == top[:4]).all()                 # clip 0, crop "top"
+    assert (tokens[6].numpy() == top[-4:]).all()                # last clip ends on the last frame
+    center = data.shard(entry.shard).read(entry.index, "s1_center").astype(np.int64)
+    assert (tokens[7].numpy() == center[-4:]).all()
+
+
+def test_missing_test_crop_falls_back_to_centre(caplog):
+    views = [View("s1_center"), View("s1_top", crop="top"), View("s1.25_bottom", 1.25, "bottom"),
+             View("s1_bottom_flip", crop="bottom", hflip=True)]
+    with caplog.at_level(logging.WARNING):
+        picked = pick_test_views(views, ["top", "center", "bottom"], "ARCH")
+    assert picked == ["s1_top", "s1_center", "s1_center"]
+    assert "bottom" in caplog.text and "s1_center" in caplog.text
+
+
+def test_update_sampler_covers_each_epoch_once_and_splits_ranks():
+    n, batch = 10, 4
+    full = UpdateSampler(n, batch, 3, seed=0, rank=0, world=1, start=0, total=5)
+    keys = [k for u in range(5) for k in full.update_keys(u)]
+    assert sorted(i for e, i in keys if e == 0) == list(range(10))
+    assert [len(m) for m in full.micro_batches(0)] == [3, 1]
+    ranks = [UpdateSampler(n, batch, 3, 0, r, 2, 0, 5) for r in range(2)]
+    for u in range(5):
+        merged = sorted(ranks[0].update_keys(u) + ranks[1].update_keys(u))
+        assert merged == sorted(full.update_keys(u))
+    resumed = UpdateSampler(n, batch, 3, 0, 0, 1, start=2, total=5)
+    assert list(resumed) == list(full)[4:]
+
+
+# ------------------------------------------------------------------------------------ fine-tuning
+
+def test_finetune_from_scratch_learns(finetuned):
+    out, summary = finetuned
+    assert summary["complete"] and summary["steps"] == summary["total_steps"] == 24
+    for name in ("best.pt", "final.pt", "config.yaml", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    metrics = read_metrics(out / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2
+    lrs = [m["lr"] for m in metrics if "lr" in m]
+    assert max(lrs) == pytest.approx(CFG.lr) and lrs[0] < lrs[2] and lrs[-1] < lrs[-5]
+    assert summary["best_val_top1"] >= 0.75 > 0.5          # two balanced classes: chance is 0.5
+    model, meta = load_finetuned(out / "best.pt")
+    assert meta["classes"] == ["right", "left"] and meta["val_top1"] == summary["best_val_top1"]
+    assert model.config.frames == 4 and model.config.height == 4
+
+
+def test_pretrained_init_loads_backbone_only_classifier_missing(archive, tmp_path, test_preset):
+    init = pretrained_file(tmp_path / "pretrained.pt")
+    saved = load_checkpoint(init)["backbone"]
+    from vimpac.common.archive import Archive
+
+    settings = Archive(archive).settings
+    model = build_model(settings, 2, CFG, str(init), test_preset, archive)
+    for key, value in saved.items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert not model.head.fc.weight.any() and not model.head.fc.bias.any()
+    broken = dict(saved)
+    broken.pop("pos_w")
+    with pytest.raises(CheckpointError, match="pos_w"):
+        load_backbone_state(model, broken, "broken.pt")
+    summary = run_finetune(archive, CFG, tmp_path / "out", init=str(init), stop_after=2)
+    assert summary["steps"] == 2 and not summary["complete"]
+
+
+def test_mismatched_tokenizer_is_refused(archive, tmp_path):
+    init = pretrained_file(tmp_path / "pretrained.pt", fingerprint="another-tokenizer")
+    with pytest.raises(ArchiveError, match="tokenizer"):
+        run_finetune(archive, CFG, tmp_path / "out", init=str(init))
+
+
+def test_positions_interpolated_when_grid_and_frames_differ(archive, tmp_path, test_preset):
+    small = dataclasses.replace(SMALL, frames=3, height=2, width=2)
+    init = pretrained_file(tmp_path / "pretrained.pt", config=small)
+    saved = load_checkpoint(init)["backbone"]
+    from vimpac.common.archive import Archive
+
+    model = build_model(Archive(archive).settings, 2, CFG, str(init), test_preset, archive)
+    assert model.backbone.pos_t.shape == (4, 32) and model.backbone.pos_h.shape == (4, 32)
+    assert torch.allclose(model.backbone.pos_h, interpolate_table(saved["pos_h"], 4))
+    assert torch.equal(model.backbone.pos_cls, saved["pos_cls"])
+    summary = run_finetune(archive, CFG, tmp_path / "out", init=str(init), stop_after=1)
+    assert summary["steps"] == 1
+
+
+def test_resume_gives_bitwise_identical_weights(archive, tmp_path, test_preset):
+    cfg = dataclasses.replace(CFG, epochs=2, dropout=0.1, micro_batch=3)  # 6 updates, RNG in use
+    whole = run_finetune(archive, cfg, tmp_path / "whole", model_preset=test_preset)
+    first = run_finetune(archive, cfg, tmp_path / "split", model_preset=test_preset, stop_after=4)
+    assert first["steps"] == 4 and not (tmp_path / "split" / "final.pt").exists()
+    second = run_finetune(archive, cfg, tmp_path / "split", model_preset=test_preset)
+    assert whole["steps"] == second["steps"] == 6
+    a = load_checkpoint(tmp_path / "whole" / "final.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "final.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in m]
+    assert steps == list(range(1, 7))
+    with pytest.raises(CheckpointError, match="lr"):
+        run_finetune(archive, dataclasses.replace(cfg, lr=1e-2), tmp_path / "split",
+                     model_preset=test_preset)
+
+
+def test_unlabelled_archive_and_wrong_fps_are_clear_errors(archive, tmp_path, test_preset):
+    plain = make_archive(tmp_path / "plain", n_train=2, n_val=0, labelled=False)
+    with pytest.raises(ArchiveError, match="not a labelled archive"):
+        run_finetune(plain, CFG, tmp_path / "o1", model_preset=test_preset)
+    with pytest.raises(ArchiveError, match="finetune.fps = 3"):
+        run_finetune(archive, dataclasses.replace(CFG, fps=3.0), tmp_path / "o2",
+                     model_preset=test_preset)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+def test_classification_metrics_hand_made():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([0, 1, 1, 1])
+    result = classification_metrics(probs, labels, ["a", "b", "c"])
+    assert result["top1"] == 0.5 and result["top5"] == 1.0
+    assert result["per_class"] == {"a": 1.0, "b": pytest.approx(1 / 3), "c": None}
+    assert result["confusion"] == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert result["mean_class_accuracy"] == pytest.approx(2 / 3)
+
+
+class _LookupModel(nn.Module):
+    """Logits looked up by the first token of each clip (a model with known outputs)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens[:, 0, 0, 0]]
+
+
+def test_views_average_probabilities_not_logits():
+    table = torch.tensor([[10.0, 0.0], [0.0, 3.0]])
+    video = torch.tensor([0, 1, 1]).view(3, 1, 1, 1).expand(3, 2, 2, 2)  # views: A, B, B
+    loader = DataLoader([(video, 1)], batch_size=1)
+    probs, labels = view_averaged_probs(_LookupModel(table), loader, torch.device("cpu"))
+    # mean logits [3.3, 2.0] would say class 0; mean probabilities say class 1.
+    assert probs.argmax(1).tolist() == [1] and labels.tolist() == [1]
+
+
+def test_evaluate_writes_results_and_confusion_png(archive, finetuned, tmp_path):
+    out, summary = finetuned
+    cfg = EvaluateConfig(test_clips=2, test_crops=["top", "center", "bottom"])
+    results = run_evaluate(archive, out / "best.pt", cfg, tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["top1"] == results["top1"] and saved["split"] == "val"
+    assert saved["videos"] == 12 and saved["views_per_video"] == 6
+    confusion = np.array(saved["confusion"])
+    assert confusion.sum() == 12 and confusion.trace() / 12 == pytest.approx(saved["top1"])
+    assert saved["top1"] >= 0.75 and saved["top5"] == 1.0
+    assert (tmp_path / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(CheckpointError, match="fine-tuned"):
+        run_evaluate(archive, out / "checkpoints" / "step-000000024.pt", cfg, tmp_path / "x")
+
+
+def test_mean_over_splits():
+    runs = [{"split": f"test{k}", "top1": v, "top5": 1.0, "mean_class_accuracy": v}
+            for k, v in ((1, 0.6), (2, 0.7), (3, 0.8))]
+    mean = mean_over_splits(runs)
+    assert mean["top1"] == pytest.approx(0.7) and mean["splits"] == ["test1", "test2", "test3"]
+    assert mean["top1_per_split"] == [0.6, 0.7, 0.8] and mean["top5"] == 1.0
+
+
+def test_knn_and_linear_probe_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 4
+
+    def sample(n):
+        labels = torch.arange(n) % 3
+        return centres[labels] + torch.randn(n, 16, generator=g), labels
+
+    (x, y), (xt, yt) = sample(90), sample(30)
+    assert knn_probe(x, y, xt, yt, k=10, temperature=0.07) == pytest.approx(1.0)
+    assert linear_probe(x, y, xt, yt, steps=50) == pytest.approx(1.0)
+    assert knn_probe(x, y, xt, torch.zeros_like(yt) + 5, k=10, num_classes=6) == 0.0
+
+
+def test_run_probes_on_finetuned_and_pretrained(archive, finetuned, tmp_path):
+    out, _ = finetuned
+    cfg = EvaluateConfig(knn_k=5, linear_probe_epochs=30)
+    tuned = run_probes(archive, out / "best.pt", cfg, tmp_path / "p1")
+    assert json.loads((tmp_path / "p1" / "probes.json").read_text()) == tuned
+    assert (tuned["train_videos"], tuned["test_videos"], tuned["feature_dim"]) == (24, 12, 32)
+    assert tuned["knn_top1"] >= 0.75 and tuned["linear_top1"] >= 0.75
+    init = pretrained_file(tmp_path / "pretrained.pt",
+                           config=dataclasses.replace(SMALL, frames=3, height=2, width=2))
+    fresh = run_probes(archive, init, cfg, tmp_path / "p2", frames=4, grid=4)
+    assert fresh["grid"] == 4 and 0.0 <= fresh["knn_top1"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import dataclasses, json, sys
+import torch
+from vimpac.common.config import FinetuneConfig
+from vimpac.finetune.train import run_finetune
+from vimpac.pretrain.model import PRESETS
+torch.set_num_threads(1)
+PRESETS["test"] = dataclasses.replace(PRESETS["tiny"], codebook_size=16, layers=1, dim=32,
+                                      heads=2, mlp_dim=64, frames=4, height=4, width=4)
+cfg = FinetuneConfig(frames=4, grid=4, fps=4.0, epochs=2, batch_size=8, micro_batch=4, lr=3e-3,
+                     dropout=0.0, num_workers=0)
+summary = run_finetune(sys.argv[1], cfg, sys.argv[2], model_preset="test")
+print(json.dumps(summary))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(archive, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(archive), str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] and summary["steps"] == 6
+    ckpt = load_checkpoint(tmp_path / "out" / "checkpoints" / "step-000000006.pt")
+    assert len(ckpt["rng"]) == 2

@@ -1,0 +1,546 @@
+"""Fine-tuning a VIMPAC backbone for action recognition (paper Sec. 4.1, App. A.2 / C.1, Table 4).
+
+:func:`run_finetune` reads as the paper's recipe:
+
+    open the labelled archive (classes, train / eval split, frame step)
+    -> model: the pre-trained backbone (positions interpolated to (frames, grid)) + a
+       zero-initialised classifier, loaded non-strictly with only the classifier missing; or the
+       same architecture from scratch (the paper's non-pre-trained baseline)
+    -> DDP -> AdamW (0.9, 0.999), eps 1e-8, wd 0.01 off biases / norms, 10 % warm-up then linear
+       decay per update -> resume from the newest checkpoint
+    -> per update: accumulate micro-batches, clip the gradient norm, step; log; validate every
+       ``eval_every`` epochs on one centre clip per video; checkpoint every epoch
+    -> ``final.pt``, ``best.pt`` (best validation top-1), ``summary.json``.
+
+Updates: ``ceil(epochs * n_train / batch_size)``. The training stream is the concatenation of
+per-epoch permutations seeded by ``(seed, epoch)``; update ``u`` takes stream positions
+``[u*B, (u+1)*B)`` and rank ``r`` every ``W``-th of them. The stream is therefore a pure function of
+the update index and a checkpoint only needs the update count; with model, optimizer, scheduler and
+every rank's RNG saved too, a resumed run ends with bitwise the same weights on CPU as an
+uninterrupted one.
+
+Outputs (``out_dir``): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt``, ``best.pt``,
+``final.pt``, ``summary.json``. ``best.pt`` / ``final.pt`` hold the whole model plus what evaluation
+needs (classes, grid, frame step, tokenizer fingerprint); :func:`load_finetuned` reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from vimpac.common.archive import Archive, ArchiveError, ArchiveSettings, atomic_write_json
+from vimpac.common.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vimpac.common.config import FinetuneConfig
+from vimpac.common.distributed import DistInfo, cleanup, init_distributed
+from vimpac.common.progress import NULL_PROGRESS, Progress
+from vimpac.common.training import MetricsLog, autocast_context, param_groups, warmup_linear
+from vimpac.finetune.data import ItemKey, TestClips, TrainClips
+from vimpac.finetune.datasets import standard_splits
+from vimpac.pretrain.export import load_pretrained
+from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBackbone
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vimpac-finetuned/1"
+RESUME_FREE_KEYS = ("num_workers", "precision")  # config keys that may change across a resume
+
+
+# ------------------------------------------------------------------------------------------ model
+
+class FinetuneModel(nn.Module):
+    """Backbone CLS -> classifier head (paper App. A.2)."""
+
+    def __init__(self, backbone: VimpacBackbone, head: ClassifierHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.backbone.config
+
+    def features(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T, H, W] -> CLS features [B, D]."""
+        return self.backbone(tokens)[0]
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens [B, T, H, W] -> logits [B, classes]."""
+        return self.head(self.features(tokens))
+
+
+def head_keys(model: FinetuneModel) -> set[str]:
+    return {f"head.{k}" for k in model.head.state_dict()}
+
+
+def load_backbone_state(model: FinetuneModel, state: dict[str, Tensor], source: str) -> None:
+    """Load a backbone state non-strictly; only the new classifier may be missing."""
+    result = model.load_state_dict({f"backbone.{k}": v for k, v in state.items()}, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != head_keys(model):
+        extra = sorted(set(result.missing_keys) - head_keys(model))
+        raise CheckpointError(f"{source}: backbone weights do not fit the model: missing "
+                              f"{extra[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+
+
+def check_tokenizer(meta: dict[str, Any], settings: ArchiveSettings, init: str,
+                    archive_root: Path) -> None:
+    """The backbone must have been pre-trained on tokens of the archive's tokenizer."""
+    if meta.get("tokenizer_fingerprint") != settings.tokenizer_fingerprint:
+        raise ArchiveError(
+            f"{archive_root}: tokenized with tokenizer {settings.tokenizer_fingerprint[:16]}, but "
+            f"{init} was pre-trained on tokens of {str(meta.get('tokenizer_fingerprint'))[:16]}: "
+            "tokenize the dataset with the pre-training tokenizer")
+    if meta.get("codebook_size") != settings.codebook_size:
+        raise ArchiveError(f"{archive_root}: codebook size {settings.codebook_size} differs from "
+                           f"{init}'s {meta.get('codebook_size')}")
+
+
+def build_model(settings: ArchiveSettings, num_classes: int, cfg: FinetuneConfig,
+                init: str | None, model_preset: str, archive_root: Path) -> FinetuneModel:
+    """Pre-trained backbone (positions interpolated) or from-scratch, plus a zero classifier."""
+    grid = dict(frames=cfg.frames, height=cfg.grid, width=cfg.grid, dropout=cfg.dropout,
+                grad_checkpoint=False)
+    if init is None:
+        if model_preset not in PRESETS:
+            raise ValueError(f"model preset {model_preset!r}: expected one of {', '.join(PRESETS)}")
+        config = dataclasses.replace(PRESETS[model_preset], codebook_size=settings.codebook_size,
+                                     **grid)
+        backbone = VimpacBackbone(config)
+        return FinetuneModel(backbone, ClassifierHead(config.dim, num_classes))
+    pretrained, meta = load_pretrained(init)
+    check_tokenizer(meta, settings, init, archive_root)
+    if (pretrained.config.frames, pretrained.config.height) != (cfg.frames, cfg.grid):
+        log.info("interpolating positions from T=%d, %dx%d to T=%d, %dx%d",
+                 pretrained.config.frames, pretrained.config.height, pretrained.config.width,
+                 cfg.frames, cfg.grid, cfg.grid)
+    pretrained.interpolate_positions(cfg.frames, cfg.grid, cfg.grid)
+    config = dataclasses.replace(pretrained.config, **grid)
+    model = FinetuneModel(VimpacBackbone(config), ClassifierHead(config.dim, num_classes))
+    load_backbone_state(model, pretrained.state_dict(), init)
+    return model
+
+
+def save_finetuned(path: str | Path, model: FinetuneModel, info: dict[str, Any]) -> None:
+    """``best.pt`` / ``final.pt``: the whole model and what evaluation needs (``info``)."""
+    save_checkpoint(path, {"format": FORMAT, "model_config": dataclasses.asdict(model.config),
+                           "model": model.state_dict(), **info})
+
+
+def load_finetuned(path: str | Path) -> tuple[FinetuneModel, dict[str, Any]]:
+    """A fine-tuned model file -> (model in eval mode, metadata)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a vimpac fine-tuned model (expected format {FORMAT}); "
+                              "pass best.pt or final.pt written by `vimpac finetune`")
+    config = ModelConfig(**state["model_config"])
+    model = FinetuneModel(VimpacBackbone(config), ClassifierHead(config.dim, len(state["classes"])))
+    model.load_state_dict(state["model"])
+    return model.eval(), {k: v for k, v in state.items() if k != "model"}
+
+
+# ------------------------------------------------------------------------------------------- data
+
+@dataclass
+class FinetuneData:
+    """What the archive gives the run: classes, split tags, frame step and the datasets."""
+    archive: Archive
+    classes: list[str]
+    train_tag: str
+    eval_tag: str
+    step: int
+    train: TrainClips
+    val: TestClips | None
+
+
+def frame_step(archive_fps: float, fps: float, root: Path) -> int:
+    """Keep every ``step``-th archive frame so clips run at ``fps`` (facts 1.3)."""
+    ratio = archive_fps / fps
+    if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
+        raise ArchiveError(f"{root}: tokens are at {archive_fps:g} fps; finetune.fps = {fps:g} "
+                           "needs an archive at that rate or an integer multiple of it "
+                           f"(set finetune.fps={archive_fps:g} or re-tokenize)")
+    return int(round(ratio))
+
+
+def resolve_splits(settings: ArchiveSettings, split: str, root: Path) -> tuple[str, str]:
+    """(train tag, eval tag) of the dataset's standard protocol for split id ``split``."""
+    if not settings.dataset:
+        raise ArchiveError(f"{root}: not a labelled archive (tokenize a dataset, e.g. "
+                           "`vimpac tokenize ucf101:ROOT ...`)")
+    if not split.isdigit():
+        raise ValueError(f"finetune.split = {split!r}: expected a split number such as 1")
+    return standard_splits(settings.dataset["name"], int(split))
+
+
+def open_finetune_data(archive_path: str | Path, cfg: FinetuneConfig,
+                       splits: tuple[str, str] | None = None) -> FinetuneData:
+    archive = Archive(archive_path)
+    pad_id = ModelConfig(codebook_size=archive.settings.codebook_size).pad_id
+    train_tag, eval_tag = splits or resolve_splits(archive.settings, cfg.split, archive.root)
+    step = frame_step(archive.settings.fps, cfg.fps, archive.root)
+    train = TrainClips(archive, train_tag, cfg.frames, cfg.grid, None, pad_id, cfg.seed, step)
+    try:
+        val = TestClips(archive, eval_tag, cfg.frames, cfg.grid, 1, ["center"], pad_id, step)
+    except ArchiveError as exc:
+        log.warning("no validation during fine-tuning: %s", exc)
+        val = None
+    classes = list(archive.settings.dataset["classes"])
+    return FinetuneData(archive, classes, train_tag, eval_tag, step, train, val)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of the training videos in ``epoch`` (seeded by (seed, epoch))."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class UpdateSampler(Sampler[list[ItemKey]]):
+    """This rank's micro-batches of ``(epoch, index)`` keys, update after update from ``start``."""
+
+    def __init__(self, n: int, batch_size: int, micro_batch: int, seed: int, rank: int,
+                 world: int, start: int, total: int) -> None:
+        if batch_size < world:
+            raise ValueError(f"finetune.batch_size = {batch_size}: expected >= the number of "
+                             f"processes ({world})")
+        self.n, self.batch_size, self.micro_batch, self.seed = n, batch_size, micro_batch, seed
+        self.rank, self.world, self.start, self.total = rank, world, start, total
+
+    def update_keys(self, update: int) -> list[tuple[int, int]]:
+        """This rank's ``(epoch, index)`` keys of one update."""
+        keys = []
+        for pos in range(update * self.batch_size + self.rank, (update + 1) * self.batch_size,
+                         self.world):
+            epoch, i = divmod(pos, self.n)
+            keys.append((epoch, int(epoch_order(self.n, self.seed, epoch)[i])))
+        return keys
+
+    def micro_batches(self, update: int) -> list[list[tuple[int, int]]]:
+        keys = self.update_keys(update)
+        return [keys[i:i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
+
+    def __iter__(self) -> Iterator[list[ItemKey]]:
+        for update in range(self.start, self.total):
+            yield from self.micro_batches(update)
+
+    def __len__(self) -> int:
+        return sum(len(self.micro_batches(u)) for u in range(self.start, self.total))
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def view_averaged_probs(model: nn.Module, loader: DataLoader, device: torch.device,
+                        precision: str = "auto",
+                        progress: Progress = NULL_PROGRESS) -> tuple[Tensor, Tensor]:
+    """Batches of ``[B, V, T, G, G]`` views -> softmax averaged over the V views [N, C], labels
+    [N] (the paper's multi-view test: probabilities, not logits, are averaged)."""
+    model.eval()
+    task = progress.task("evaluate", len(loader.dataset), "video")
+    probs, labels = [], []
+    for tokens, label in loader:
+        b, v = tokens.shape[:2]
+        with autocast_context(precision, device):
+            logits = model(tokens.flatten(0, 1).to(device, non_blocking=True))  # [B*V, C]
+        probs.append(logits.float().softmax(-1).view(b, v, -1).mean(1).cpu())  # [B, C]
+        labels.append(label)
+        task.advance(b)
+    task.close()
+    if not probs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def validate(model: nn.Module, dataset: TestClips, dist_info: DistInfo, batch: int,
+             precision: str, workers: int) -> float:
+    """Top-1 on one centre clip per video, this rank's share, summed over ranks."""
+    share = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world))
+    loader = DataLoader(share, batch_size=batch, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
+    probs, labels = view_averaged_probs(model, loader, dist_info.device, precision)
+    correct = (probs.argmax(-1) == labels).sum() if len(labels) else torch.tensor(0)
+    counts = torch.tensor([float(correct), float(len(labels))], device=dist_info.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    model.train()
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+class Finetuner:
+    """Model, optimizer, schedule and the update count: everything a checkpoint restores."""
+
+    def __init__(self, model: FinetuneModel, cfg: FinetuneConfig, dist_info: DistInfo,
+                 total: int, init: str) -> None:
+        self.cfg, self.dist, self.total, self.init = cfg, dist_info, total, init
+        self.raw = model.to(dist_info.device)
+        # Order: device -> DDP -> optimizer over the unwrapped parameters.
+        self.model: nn.Module = self.raw
+        if dist_info.world > 1:
+            ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.raw, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(param_groups(self.raw, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_linear(total, cfg.warmup))
+        self.step = 0
+        self.best_top1, self.best_step, self.last_top1 = -1.0, -1, -1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the RNG states, which :meth:`save` gathers from every rank."""
+        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "best_top1": self.best_top1, "best_step": self.best_step,
+                "last_top1": self.last_top1, "config": dataclasses.asdict(self.cfg),
+                "total": self.total, "init": self.init}
+
+    def save(self, ckpts: CheckpointManager) -> None:
+        """A resumable checkpoint (a collective: every rank calls it, rank 0 writes)."""
+        rngs = gather_rng_states()
+        if self.dist.is_main:
+            ckpts.save(self.step, {**self.state_dict(), "rng": rngs})
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        check_resume_config(state, self.cfg, self.total, self.init, source)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best_top1 = state["step"], state["best_top1"]
+        self.best_step, self.last_top1 = state["best_step"], state["last_top1"]
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning("%s: saved by %d processes, resumed by %d: dropout RNG not restored",
+                        source, len(rngs), self.dist.world)
+
+    def train_update(self, micro_batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """One optimizer update over this rank's micro-batches; loss / accuracy over all ranks."""
+        sums = torch.zeros(3, device=self.dist.device)  # loss sum, correct, videos
+        for i, (tokens, labels) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            alone = last or self.dist.world == 1  # DDP all-reduces on the last micro-batch only
+            with contextlib.nullcontext() if alone else self.model.no_sync():
+                sums += self._micro_step(tokens, labels)
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.dist.world > 1:
+            dist.all_reduce(sums)
+        return {"loss": float(sums[0] / sums[2]), "acc": float(sums[1] / sums[2]), "lr": lr}
+
+    def _micro_step(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """Forward + backward of one micro-batch; the loss is scaled so that DDP's mean over
+        ranks gives the mean over the whole update."""
+        device = self.dist.device
+        tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast_context(self.cfg.precision, device):
+            logits = self.model(tokens)
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum",
+                               label_smoothing=self.cfg.label_smoothing)
+        (loss * self.dist.world / self.cfg.batch_size).backward()
+        correct = (logits.argmax(-1) == labels).sum()
+        return torch.stack([loss.detach(), correct.float(), labels.new_tensor(len(labels)).float()])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), so each rank resumes its own dropout stream."""
+    state = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, {k: v.cpu() if isinstance(v, Tensor) else v
+                                    for k, v in state.items()})
+    return states
+
+
+def check_resume_config(state: dict[str, Any], cfg: FinetuneConfig, total: int, init: str,
+                        source: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same config, data size and start."""
+    saved = {**state["config"], "init": state["init"]}
+    now = {**dataclasses.asdict(cfg), "init": init}
+    diff = [k for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k]]
+    if diff or state["total"] != total:
+        keys = ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in diff) or "data size"
+        raise CheckpointError(f"{source}: written by a run with other settings: {keys}; "
+                              "use a new output folder or the original settings")
+
+
+# -------------------------------------------------------------------------------------------- run
+
+@dataclass
+class Schedule:
+    """Updates in the run and the update intervals of validation and checkpoints."""
+    total: int
+    eval_every: int
+    save_every: int
+    updates_per_epoch: float
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig, n_train: int) -> Schedule:
+        per_epoch = n_train / cfg.batch_size
+        return cls(total=math.ceil(cfg.epochs * per_epoch),
+                   eval_every=max(1, round(cfg.eval_every * per_epoch)),
+                   save_every=max(1, round(per_epoch)), updates_per_epoch=per_epoch)
+
+
+def write_run_config(out: Path, cfg: FinetuneConfig, archive: Path, init: str | None,
+                     preset: str) -> None:
+    doc = {"archive": str(archive), "init": init or "scratch",
+           "model_preset": None if init else preset, "finetune": dataclasses.asdict(cfg)}
+    (out / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def model_info(data: FinetuneData, cfg: FinetuneConfig, init: str | None,
+               trainer: Finetuner, top1: float) -> dict[str, Any]:
+    """What ``best.pt`` / ``final.pt`` carry besides the weights."""
+    settings = data.archive.settings
+    return {"classes": data.classes, "tokenizer_fingerprint": settings.tokenizer_fingerprint,
+            "codebook_size": settings.codebook_size, "dataset": settings.dataset["name"],
+            "train_split": data.train_tag, "eval_split": data.eval_tag, "frame_step": data.step,
+            "finetune_config": dataclasses.asdict(cfg), "init": init, "step": trainer.step,
+            "val_top1": top1}
+
+
+def train_loader(data: FinetuneData, cfg: FinetuneConfig, sampler: UpdateSampler,
+                 device: torch.device) -> DataLoader:
+    return DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def run_finetune(archive_path: str | Path, cfg: FinetuneConfig, out_dir: str | Path, *,
+                 init: str | None = None, model_preset: str = "tiny",
+                 progress: Progress = NULL_PROGRESS, splits: tuple[str, str] | None = None,
+                 stop_after: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """Fine-tune on a labelled archive; resumes from ``out_dir/checkpoints`` when present.
+
+    ``init``: a ``pretrained.pt`` (None = from scratch with ``PRESETS[model_preset]``).
+    ``splits``: (train tag, eval tag), default the dataset's standard split ``cfg.split``.
+    ``stop_after``: stop (with a checkpoint) once this many updates are done, as if interrupted.
+    Returns the summary also written to ``summary.json``.
+    """
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    dist_info = init_distributed(device)
+    try:
+        return _run(Path(archive_path), cfg, Path(out_dir), init, model_preset, progress, splits,
+                    stop_after, dist_info)
+    finally:
+        if owns_group:  # leave a process group the caller set up
+            cleanup()
+
+
+def _run(archive_path: Path, cfg: FinetuneConfig, out: Path, init: str | None, preset: str,
+         progress: Progress, splits: tuple[str, str] | None, stop_after: int | None,
+         dist_info: DistInfo) -> dict[str, Any]:
+    data = open_finetune_data(archive_path, cfg, splits)
+    torch.manual_seed(cfg.seed)
+    model = build_model(data.archive.settings, len(data.classes), cfg, init, preset, archive_path)
+    torch.manual_seed(cfg.seed + 7919 * (dist_info.rank + 1))  # each rank its own dropout
+    schedule = Schedule.of(cfg, len(data.train))
+    start = str(Path(init).resolve()) if init else f"scratch:{preset}"
+    trainer = Finetuner(model, cfg, dist_info, schedule.total, start)
+    ckpts = CheckpointManager(out / "checkpoints", keep=2)
+    metrics = MetricsLog(out, enabled=dist_info.is_main)
+    if dist_info.is_main:
+        write_run_config(out, cfg, archive_path, init, preset)
+    if (latest := ckpts.latest()) is not None:
+        trainer.load_state_dict(load_checkpoint(latest), latest)
+        metrics.truncate_after(trainer.step)
+        log.info("resumed from %s at update %d / %d", latest, trainer.step, schedule.total)
+    log.info("fine-tuning %d updates on %d videos (%s), %d classes; validation on %s",
+             schedule.total, len(data.train), data.train_tag, len(data.classes),
+             data.eval_tag if data.val is not None else "nothing")
+    end = schedule.total if stop_after is None else min(stop_after, schedule.total)
+    _train_loop(trainer, data, cfg, schedule, end, ckpts, metrics, progress, init, out)
+    metrics.close()
+    last = trainer.last_top1
+    summary = _summary(trainer, schedule, data, out)
+    if dist_info.is_main and trainer.step == schedule.total:
+        save_finetuned(out / "final.pt", trainer.raw, model_info(data, cfg, init, trainer, last))
+        if not (out / "best.pt").exists():  # no validation split: best is the final model
+            save_finetuned(out / "best.pt", trainer.raw, model_info(data, cfg, init, trainer, last))
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, schedule: Schedule,
+                end: int, ckpts: CheckpointManager, metrics: MetricsLog, progress: Progress,
+                init: str | None, out: Path) -> None:
+    """Updates ``trainer.step .. end``: train, log, validate, checkpoint."""
+    info = trainer.dist
+    sampler = UpdateSampler(len(data.train), cfg.batch_size, cfg.micro_batch, cfg.seed, info.rank,
+                            info.world, trainer.step, end)
+    batches = iter(train_loader(data, cfg, sampler, info.device))
+    task = progress.task("fine-tune", schedule.total, "update")
+    task.update(completed=trainer.step)
+    while trainer.step < end:
+        micro = [next(batches) for _ in sampler.micro_batches(trainer.step)]
+        stats = trainer.train_update(micro)
+        epoch = trainer.step / schedule.updates_per_epoch
+        metrics.write(trainer.step, {**stats, "epoch": epoch})
+        task.advance(1, loss=stats["loss"])
+        if data.val is not None and (trainer.step % schedule.eval_every == 0
+                                     or trainer.step == schedule.total):
+            _validate_and_keep_best(trainer, data, cfg, metrics, init, out)
+        if trainer.step % schedule.save_every == 0 or trainer.step == end:
+            trainer.save(ckpts)
+    task.close()
+
+
+def _validate_and_keep_best(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig,
+                            metrics: MetricsLog, init: str | None, out: Path) -> None:
+    top1 = validate(trainer.raw, data.val, trainer.dist, cfg.micro_batch, cfg.precision,
+                    cfg.num_workers)
+    metrics.write(trainer.step, {"val_top1": top1})
+    log.info("update %d: validation top-1 %.4f", trainer.step, top1)
+    trainer.last_top1 = top1
+    if top1 > trainer.best_top1:
+        trainer.best_top1, trainer.best_step = top1, trainer.step
+        if trainer.dist.is_main:
+            save_finetuned(out / "best.pt", trainer.raw,
+                           model_info(data, cfg, init, trainer, top1))
+    return top1
+
+
+def _summary(trainer: Finetuner, schedule: Schedule, data: FinetuneData,
+             out: Path) -> dict[str, Any]:
+    return {"complete": trainer.step == schedule.total, "steps": trainer.step,
+            "total_steps": schedule.total, "train_videos": len(data.train),
+            "val_videos": len(data.val) if data.val is not None else 0,
+            "train_split": data.train_tag, "eval_split": data.eval_tag,
+            "classes": len(data.classes), "best_val_top1": trainer.best_top1,
+            "best_step": trainer.best_step, "final_val_top1": trainer.last_top1,
+            "best": str(out / "best.pt"), "final": str(out / "final.pt")}
+
+
+def read_summary(out_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
