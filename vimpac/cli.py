@@ -6,6 +6,7 @@ configuration error (one line, never a traceback).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -111,17 +112,30 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map configuration and input errors to one line and exit code 2."""
+    """Map configuration, input and I/O errors to one line and exit code 2.
+
+    An OSError (disk full, file size limit, unwritable or missing path) is reported as
+    ``error: PATH: reason``; whatever was committed before it (archive shards, checkpoints) is
+    intact, and rerunning the same command after fixing the cause resumes.
+    """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
         try:
             return fn(*args, **kwargs)
-        except ConfigError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_USAGE)
-        except UsageError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(EXIT_USAGE)
+        except (ConfigError, UsageError) as exc:
+            message = str(exc)
+        except OSError as exc:
+            where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+            message = f"{where}: {exc.strerror or exc}" if where else str(exc)
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                message += " (out of disk space or over the file size limit; the last " \
+                           "committed state is intact: free space and rerun to resume)"
+        # one line, printed verbatim: paths and values may contain newlines or [markup]
+        text = " ".join(message.splitlines())
+        console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
     return wrapper
 
 
@@ -310,9 +324,11 @@ def tokenize(ctx: Context, inputs: tuple[str, ...], tokenizer_dir: str, out_dir:
 
 
 def _print_tokenize_summary(summary: Any, out_dir: str) -> None:
+    from rich.markup import escape  # paths are shown verbatim, never parsed as [markup]
+
     if summary.nothing_to_do:
-        out.print(f"nothing to do: all {summary.skipped} videos are already in {out_dir}")
-    table = Table(title=f"tokenize -> {out_dir}")
+        out.print(f"nothing to do: all {summary.skipped} videos are already in {escape(out_dir)}")
+    table = Table(title=f"tokenize -> {escape(out_dir)}")
     for col in ("ok", "failed", "skipped", "frames", "tokens", "bytes", "frames/s", "seconds"):
         table.add_column(col, justify="right")
     nbytes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in summary.bytes.items()) or "0"
@@ -325,7 +341,7 @@ def _print_tokenize_summary(summary: Any, out_dir: str) -> None:
         failed.add_column("input")
         failed.add_column("reason")
         for path, reason in summary.failures:
-            failed.add_row(path, reason)
+            failed.add_row(escape(path), escape(reason))
         out.print(failed)
 
 
@@ -336,11 +352,13 @@ def _print_tokenize_summary(summary: Any, out_dir: str) -> None:
 @handle_errors
 def verify(archive: str) -> None:
     """Check an archive's shard checksums and manifest; name any corrupt shard."""
+    from rich.markup import escape
+
     from vimpac.common.archive import verify as verify_archive
 
     report = verify_archive(archive)
     for problem in report.problems:
-        console.print(f"[red]corrupt:[/red] {problem}", highlight=False, soft_wrap=True)
+        console.print(f"[red]corrupt:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     out.print(f"{report.shards_checked} shards, {report.files_checked} files checked: "
               + ("ok" if report.ok else f"{len(report.problems)} problem(s)"))
     if not report.ok:
@@ -393,6 +411,69 @@ def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
     _print_metrics(f"pretrain step {result.step}", result.last_metrics)
     if result.step >= cfg.steps:
         out.print(f"pre-trained backbone: {result.pretrained}")
+
+
+# ----------------------------------------------------------------------------------------- finetune
+
+@cli.command()
+@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="pretrained.pt from `vimpac pretrain` (omit: train from scratch)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="run folder: checkpoints, metrics.jsonl, best.pt, final.pt, summary.json")
+@click.option("--stop-after", type=int, default=None,
+              help="stop after this many updates (rerun to continue)")
+@pass_ctx
+@handle_errors
+def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
+             stop_after: int | None) -> None:
+    """Fine-tune on a labelled token archive (action recognition); resumable; torchrun-ready."""
+    from vimpac.common.archive import ArchiveError
+    from vimpac.common.checkpoint import CheckpointError
+    from vimpac.finetune.train import run_finetune
+
+    config = ctx.pipeline()
+    if init is None and config.finetune.init == "pretrained":
+        console.print("no --init: training from scratch (the baseline)", highlight=False)
+    try:
+        with ctx.progress() as progress:
+            summary = run_finetune(archive_dir, config.finetune, out_dir, init=init,
+                                   model_preset=config.pretrain.model, progress=progress,
+                                   stop_after=stop_after)
+    except (ArchiveError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    _print_metrics("finetune", summary)
+
+
+@cli.command()
+@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="best.pt / final.pt from `vimpac finetune` (or pretrained.pt with --probes)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--split", "split_tag", default=None,
+              help="split tag to evaluate (default: the fine-tuning run's eval split)")
+@click.option("--probes", is_flag=True,
+              help="frozen-feature k-NN and linear probes of the CLS features instead")
+@pass_ctx
+@handle_errors
+def evaluate(ctx: Context, archive_dir: str, checkpoint: str, out_dir: str,
+             split_tag: str | None, probes: bool) -> None:
+    """Multi-view evaluation (top-1/5, per class, confusion PNG), or k-NN/linear probes."""
+    from vimpac.common.archive import ArchiveError
+    from vimpac.common.checkpoint import CheckpointError
+    from vimpac.finetune.evaluate import run_evaluate, run_probes
+
+    cfg = ctx.pipeline().evaluate
+    try:
+        with ctx.progress() as progress:
+            if probes:
+                results = run_probes(archive_dir, checkpoint, cfg, out_dir, progress=progress)
+            else:
+                results = run_evaluate(archive_dir, checkpoint, cfg, out_dir,
+                                       split_tag=split_tag, progress=progress)
+    except (ArchiveError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    _print_metrics("evaluate", results)
 
 
 # --------------------------------------------------------------------------------------- pipelines

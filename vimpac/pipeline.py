@@ -189,18 +189,18 @@ def stage_data(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     spec = SynthSpec(seed=d.synth_seed, train_per_class=d.synth_train_per_class,
                      val_per_class=d.synth_val_per_class, width=d.synth_size,
                      height=d.synth_size, uncurated_videos=d.synth_uncurated_videos)
-    return {"corpus": write_corpus(stage.path, spec, progress=ctx.progress)["counts"]}
+    return {"corpus": write_corpus(stage.path / "corpus", spec, progress=ctx.progress)["counts"]}
 
 
 def _pretrain_inputs(ctx: RunContext) -> list[str]:
     if ctx.config.data.synthetic:
-        return [str(ctx.path("data") / "uncurated")]
+        return [str(ctx.path("data") / "corpus" / "uncurated")]
     return list(ctx.config.data.pretrain_inputs)
 
 
 def _finetune_inputs(ctx: RunContext) -> list[str]:
     if ctx.config.data.synthetic:
-        return [f"ucf101:{ctx.path('data') / 'ucf101'}"]
+        return [f"ucf101:{ctx.path('data') / 'corpus' / 'ucf101'}"]
     return [ctx.config.data.finetune_dataset]
 
 
