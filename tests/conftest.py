@@ -1,9 +1,12 @@
 import os
 
 import pytest
+import torch
 
-# Keep tests on 2 cores predictable.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests use tiny models: one intra-op thread is faster than two on a 2-core machine (no
+# oversubscription when decode workers, DataLoader workers or torchrun peers run beside them).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture
