@@ -206,8 +206,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)        # a failed write() names no file: name the target
         raise
     fsync_dir(path.parent)
 
@@ -328,8 +330,10 @@ class ShardWriter:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(final.parent)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(final)
             raise
         return _tree_checksums(final, self.root), _tree_bytes(final)
 
@@ -373,6 +377,8 @@ def load_part(path: str | Path) -> ManifestPart:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ArchiveError(f"{path}: manifest is corrupt (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise ArchiveError(f"{path}: manifest is truncated or not JSON ({exc.msg} at line "
                            f"{exc.lineno})") from None
@@ -380,7 +386,7 @@ def load_part(path: str | Path) -> ManifestPart:
         raise ArchiveError(f"{path}: cannot read manifest: {exc.strerror}") from None
     try:
         return ManifestPart.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ArchiveError(f"{path}: malformed manifest: {exc}") from None
 
 
@@ -507,12 +513,17 @@ class ZarrShard:
         import zarr
 
         self.path = Path(path)
-        try:
-            self.group = zarr.open_group(str(self.path), mode="r")
+        try:                      # zarr v3 only: no v2 object codecs (pickle) can be reached
+            self.group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             self.offsets = np.asarray(self.group["offsets"][:])
+            self.keys: list[str] = [str(k) for k in self.group.attrs["keys"]]
+            dtypes = {v: self.group[f"tokens/{v}"].dtype for v in self.group.attrs["views"]}
         except Exception as exc:  # zarr raises many kinds on broken metadata
             raise ArchiveError(f"{self.path}: cannot open zarr shard: {exc}") from None
-        self.keys: list[str] = list(self.group.attrs["keys"])
+        bad = {v: str(d) for v, d in dtypes.items() if d != TOKEN_DTYPE}
+        if bad or self.offsets.dtype != np.int64:
+            raise ArchiveError(f"{self.path}: not a token shard (token arrays must be uint16, "
+                               f"offsets int64; found {bad or self.offsets.dtype})")
         self._arrays: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -561,12 +572,25 @@ def read_wds_shard(path: str | Path, expected_sha256: str | None = None
         parts = samples[member]
         if "json" not in parts:
             continue
-        meta = json.loads(parts["json"])
+        try:
+            meta = json.loads(parts["json"])
+            names = list(meta.get("views", []))
+        except (ValueError, AttributeError, TypeError):
+            raise ArchiveError(f"{path}: member {member}.json is not a JSON object") from None
         views = {}
-        for i, view in enumerate(meta.get("views", [])):
+        for i, view in enumerate(names):
             ext = "tokens.npy" if i == 0 else f"tokens.{view}.npy"
-            if ext in parts:
-                views[view] = np.load(io.BytesIO(parts[ext]), allow_pickle=False)
+            if ext not in parts:
+                continue
+            try:                      # object arrays (pickles) are refused, never unpickled
+                arr = np.load(io.BytesIO(parts[ext]), allow_pickle=False)
+            except (ValueError, EOFError, OSError) as exc:
+                raise ArchiveError(f"{path}: member {member}.{ext} is not a plain array "
+                                   f"({exc})") from None
+            if arr.dtype != TOKEN_DTYPE or arr.ndim != 3:
+                raise ArchiveError(f"{path}: member {member}.{ext} holds {arr.dtype}"
+                                   f"{list(arr.shape)}, expected uint16 [T, H, W]")
+            views[view] = arr
         yield meta, views
 
 

@@ -359,6 +359,8 @@ def read_pipelines(path: str | Path | None = None) -> tuple[str, dict[str, Any]]
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -370,7 +372,7 @@ def read_pipelines(path: str | Path | None = None) -> tuple[str, dict[str, Any]]
         raise ConfigError(f"{source}: expected a top-level 'pipelines:' mapping of named pipelines")
     unknown = set(doc) - {"pipelines", "version"}
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {sorted(unknown)[0]!r} "
+        raise ConfigError(f"{source}: unknown top-level key {sorted(unknown, key=str)[0]!r} "
                           "(known: pipelines, version)")
     return source, doc["pipelines"]
 

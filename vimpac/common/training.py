@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vimpac.common.archive import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -83,9 +85,14 @@ class MetricsLog:
         """Drop lines past ``step`` (written after the checkpoint a run resumes from)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        keep = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue                     # a line cut short by a crash or a full disk
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
 
     def close(self) -> None:
         if self.writer is not None:

@@ -224,6 +224,9 @@ def _probe(path: str, timeout_s: float, timeout_error: VideoError) -> VideoInfo:
     info = _parse_probe(stderr)
     if info is None:
         raise VideoError(path, _ffmpeg_reason(stderr.splitlines(), "ffmpeg cannot open the file"))
+    if info.has_video and info.width * info.height == 0 and \
+            "exceeds specified max pixel count" in stderr:   # ffmpeg hid the size: say why
+        raise VideoError(path, f"frame larger than the MAX_PIXELS limit ({MAX_PIXELS} pixels)")
     return info
 
 
