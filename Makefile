@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# optional: OpenAI's dall_e package, only to test the DALL-E importer (no deps: it would pull torchvision)
-	$(BIN)/python -m pip install -q --no-deps "dall-e==0.1" && $(BIN)/python -m pip install -q attrs blobfile requests || echo "dall-e not installed: its import test will be skipped"
+	$(BIN)/python -m pip install -q --no-deps "dall-e==0.1" attrs requests urllib3 idna charset-normalizer certifi || echo "dall-e not installed: its import test will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,183 @@
+"""The DALL-E dVAE encoder (the tokenizer VIMPAC uses), re-implemented, and its weight importer.
+
+VIMPAC tokenizes frames with the frozen encoder of OpenAI's DALL-E discrete VAE (paper App. A.1;
+pip package ``DALL-E``, module ``dall_e``). Its architecture, as read from that package:
+
+* a 7x7 input conv to ``n_hid`` channels;
+* 4 groups of ``n_blk_per_group`` residual blocks with widths n_hid, 2n_hid, 4n_hid, 8n_hid; groups
+  1-3 end in a 2x2 max-pool (hence downsampling 8);
+* each block: ``id_path(x) + post_gain * res_path(x)`` where id_path is a 1x1 conv when the width
+  changes (identity otherwise), res_path is relu-conv3x3-relu-conv3x3-relu-conv3x3-relu-conv1x1 with
+  hidden width n_out/4, and post_gain = 1 / (4 * n_blk_per_group)^2;
+* relu and a 1x1 conv to ``vocab_size`` (8192) logits; the token is their argmax.
+
+Pixels enter as ``map_pixels(x / 255) = 0.8 * x / 255 + 0.1``. :class:`DalleEncoder` is our
+module for that architecture; :func:`import_dalle` copies the weights of a pickled
+``dall_e.Encoder`` into it and saves it in our safetensors format (``kind="dalle"``). Using the
+result needs neither ``dall_e`` nor pickle. Importing does unpickle: **only import files you
+trust** (a pickle can run arbitrary code).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+GROUP_COUNT = 4
+
+
+class DalleBlock(nn.Module):
+    """DALL-E encoder residual block: [N,n_in,H,W] -> [N,n_out,H,W]."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+        super().__init__()
+        hid = n_out // 4
+        self.post_gain = 1.0 / n_layers**2
+        self.skip = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else None
+        self.conv1 = nn.Conv2d(n_in, hid, 3, padding=1)
+        self.conv2 = nn.Conv2d(hid, hid, 3, padding=1)
+        self.conv3 = nn.Conv2d(hid, hid, 3, padding=1)
+        self.conv4 = nn.Conv2d(hid, n_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.skip is None else self.skip(x)
+        h = self.conv1(F.relu(x))
+        h = self.conv2(F.relu(h))
+        h = self.conv3(F.relu(h))
+        h = self.conv4(F.relu(h))
+        return identity + self.post_gain * h
+
+
+class DalleEncoder(nn.Module):
+    """[N,3,H,W] map_pixels input -> [N,vocab_size,H/8,W/8] logits."""
+
+    def __init__(self, n_hid: int = 256, blocks_per_group: int = 2, vocab_size: int = 8192) -> None:
+        super().__init__()
+        n_layers = GROUP_COUNT * blocks_per_group
+        self.stem = nn.Conv2d(3, n_hid, 7, padding=3)
+        widths = [n_hid * 2**g for g in range(GROUP_COUNT)]  # n_hid, 2n_hid, 4n_hid, 8n_hid
+        groups = []
+        n_in = n_hid
+        for width in widths:
+            blocks = []
+            for _ in range(blocks_per_group):
+                blocks.append(DalleBlock(n_in, width, n_layers))
+                n_in = width
+            groups.append(nn.Sequential(*blocks))
+        self.groups = nn.ModuleList(groups)
+        self.head = nn.Conv2d(widths[-1], vocab_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for g, group in enumerate(self.groups):
+            x = group(x)
+            if g < GROUP_COUNT - 1:
+                x = F.max_pool2d(x, kernel_size=2)  # H -> H/2 after groups 1-3
+        with torch.autocast(x.device.type, enabled=False):  # like the original: fp32 logits
+            return self.head(F.relu(x).float())
+
+
+# --------------------------------------------------------------------------- weight import
+
+_BLOCK_KEY = re.compile(r"blocks\.group_(\d)\.block_(\d+)\.(id_path|res_path\.conv_(\d))\.([wb])$")
+_PARAM = {"w": "weight", "b": "bias"}
+
+
+def dalle_key_to_ours(key: str) -> str:
+    """Map a ``dall_e.Encoder`` state-dict key to the matching :class:`DalleEncoder` key."""
+    if key in ("blocks.input.w", "blocks.input.b"):
+        return f"stem.{_PARAM[key[-1]]}"
+    if key in ("blocks.output.conv.w", "blocks.output.conv.b"):
+        return f"head.{_PARAM[key[-1]]}"
+    m = _BLOCK_KEY.fullmatch(key)
+    if m is None:
+        raise KeyError(f"unexpected DALL-E encoder weight {key!r}")
+    group, block, part, conv, param = m.groups()
+    name = "skip" if part == "id_path" else f"conv{conv}"
+    return f"groups.{int(group) - 1}.{int(block) - 1}.{name}.{_PARAM[param]}"
+
+
+def config_from_dalle_state(state: dict[str, torch.Tensor], source: str) -> VQConfig:
+    """Read n_hid, blocks per group and vocab size off the weight shapes of a dall_e encoder."""
+    try:
+        n_hid, in_ch = state["blocks.input.w"].shape[:2]
+        vocab = state["blocks.output.conv.w"].shape[0]
+    except KeyError as exc:
+        raise ValueError(f"{source}: not a DALL-E encoder (missing weight {exc})") from None
+    if in_ch != 3:
+        raise ValueError(f"{source}: encoder takes {in_ch} input channels, only 3 (RGB) supported")
+    groups = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
+    blocks = {int(m.group(2)) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
+    if groups != set(range(1, GROUP_COUNT + 1)):
+        raise ValueError(f"{source}: expected {GROUP_COUNT} groups, found {sorted(groups)}")
+    return VQConfig(kind="dalle", codebook_size=int(vocab), channels=int(n_hid),
+                    blocks_per_group=max(blocks), image_size=256)
+
+
+def load_dalle_state(encoder_pkl_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Unpickle a whole ``dall_e.Encoder`` module and return its float32 CPU state dict.
+
+    SECURITY: this runs ``torch.load(weights_only=False)``, i.e. pickle, which can execute arbitrary
+    code: only use it on files you trust (e.g. OpenAI's ``encoder.pkl``). The ``dall_e`` classes
+    are replaced by inert stand-ins while unpickling, so the ``dall_e`` package is not needed.
+    """
+    obj = torch.load(encoder_pkl_path, map_location="cpu", weights_only=False,
+                     pickle_module=_StubbingPickle)
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{encoder_pkl_path}: expected a pickled dall_e.Encoder module, got "
+                         f"{type(obj).__name__}")
+    return {k: v.detach().float().contiguous() for k, v in obj.state_dict().items()}
+
+
+def import_dalle(encoder_pkl_path: str | os.PathLike, out_dir: str | os.PathLike) -> VQTokenizer:
+    """Convert a pickled DALL-E dVAE encoder into our ``kind="dalle"`` tokenizer saved at out_dir.
+
+    Trusted files only (see :func:`load_dalle_state`). Returns the tokenizer in eval mode; its
+    tokens equal the original module's argmax tokens.
+    """
+    source = str(encoder_pkl_path)
+    state = load_dalle_state(encoder_pkl_path)
+    model = VQTokenizer(config_from_dalle_state(state, source))
+    ours = {dalle_key_to_ours(k): v for k, v in state.items()}
+    missing, unexpected = model.encoder.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit the DALL-E encoder architecture "
+                         f"(missing {missing}, unexpected {unexpected})")
+    model.eval()
+    save_tokenizer(model, out_dir)
+    log.info("imported DALL-E encoder %s -> %s (fingerprint %s)", source, out_dir,
+             model.fingerprint()[:12])
+    return model
+
+
+class _DalleStub(nn.Module):
+    """Stand-in for any ``dall_e`` class while unpickling: keeps parameters and submodules only."""
+
+    def forward(self, *args: Any) -> Any:  # pragma: no cover - never called
+        raise RuntimeError("stand-in for a dall_e module; use DalleEncoder instead")
+
+
+class _StubbingUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "dall_e" or module.startswith("dall_e."):
+            return _DalleStub
+        return super().find_class(module, name)
+
+
+class _StubbingPickle:
+    """A ``pickle_module`` for torch.load whose Unpickler swaps ``dall_e`` classes for stubs."""
+
+    Unpickler = _StubbingUnpickler
+    load = pickle.load
+    __name__ = "vimpac_dalle_stub_pickle"
