@@ -1,0 +1,503 @@
+"""The batch tokenize job: videos -> VQ tokens -> sharded zarr / webdataset archives.
+
+Decoding runs in worker processes (:mod:`vimpac.tokenize.decode_pool`) while this process encodes
+frames in large batches, so decode and encode overlap. Finished videos are written to shards in a
+fixed order (the worker's sorted video list), so a resumed run produces the same shards, bitwise,
+as an uninterrupted one. Scale-out: N independent workers each take the videos whose key hashes to
+their index and write their own shards and manifest part; no coordination server is involved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vimpac.common.archive import (
+    ArchiveError,
+    ArchiveSettings,
+    ManifestPart,
+    ShardWriter,
+    VideoRecord,
+    View,
+    atomic_write_bytes,
+    load_part,
+    make_views,
+    remove_orphans,
+    save_part,
+    shard_name,
+)
+from vimpac.common.config import TokenizeConfig, config_to_yaml
+from vimpac.common.progress import NULL_PROGRESS, Progress
+from vimpac.common.video import DecodeSpec
+from vimpac.tokenize.decode_pool import DecodePool
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".flv",
+                    ".ogv", ".ogg", ".3gp", ".ts", ".mts", ".wmv", ".gif"}
+LIST_EXTENSIONS = {".txt", ".lst", ".csv", ".list"}
+
+
+@dataclass
+class InputVideo:
+    key: str
+    path: str
+    label: int = -1
+    splits: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """The videos named by the job's inputs, plus what could not be used and why."""
+    videos: list[InputVideo] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)   # (path or key, reason)
+    dataset: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def _add(found: Inputs, seen: dict[str, str], keys: set[str], video: InputVideo) -> None:
+    real = os.path.realpath(video.path)
+    if real in seen:
+        log.info("%s: given twice, tokenized once (as %s)", video.path, seen[real])
+        return
+    if video.key in keys:
+        video.key = f"{video.key}~{hashlib.sha1(real.encode()).hexdigest()[:8]}"
+    seen[real] = video.key
+    keys.add(video.key)
+    found.videos.append(video)
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for dirpath, dirnames, files in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(files):
+            yield Path(dirpath) / name
+        for name in dirnames:                    # symlinked folders: listed, not followed
+            if (Path(dirpath) / name).is_symlink():
+                yield Path(dirpath) / name
+
+
+def _from_directory(root: Path, found: Inputs, seen: dict[str, str], keys: set[str]) -> None:
+    real_root = os.path.realpath(root)
+    for path in _walk(root):
+        if path.suffix.lower() not in VIDEO_EXTENSIONS and not path.is_symlink():
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, real_root]) != real_root:
+            found.rejected.append((str(path), f"symlink leaves the input tree (-> {real})"))
+            continue
+        if path.suffix.lower() not in VIDEO_EXTENSIONS:
+            continue
+        key = str(path.relative_to(root).with_suffix(""))
+        _add(found, seen, keys, InputVideo(key=key, path=str(path)))
+
+
+def _from_list(list_path: Path, found: Inputs, seen: dict[str, str], keys: set[str]) -> None:
+    base = list_path.parent
+    text = list_path.read_text(encoding="utf-8-sig", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.replace(",", " ").split()
+        rel, label = parts[0], -1
+        if len(parts) > 1:
+            try:
+                label = int(parts[1])
+            except ValueError:
+                found.rejected.append((f"{list_path}:{lineno}", f"label {parts[1]!r} is not an "
+                                       "integer"))
+                continue
+        path = base / rel
+        key = str(Path(rel).with_suffix(""))
+        _add(found, seen, keys, InputVideo(key=key, path=str(path), label=label))
+
+
+def _from_dataset(name: str, root: str, found: Inputs, seen: dict[str, str],
+                  keys: set[str]) -> None:
+    from vimpac.finetune.datasets import load_dataset
+
+    index = load_dataset(name, root)
+    found.dataset = {"name": index.name, "root": str(Path(root).resolve()),
+                     "classes": list(index.classes)}
+    for key, reason in index.missing:
+        found.rejected.append((key, reason))
+    for item in index.items:
+        _add(found, seen, keys, InputVideo(key=item.key, path=item.path, label=item.label,
+                                           splits=list(item.splits)))
+
+
+def collect_inputs(inputs: Iterable[str]) -> Inputs:
+    """Expand files, folders (recursive), list files and ``dataset:ROOT`` specs into videos."""
+    from vimpac.finetune.datasets import parse_dataset_arg
+
+    found, seen, keys = Inputs(), {}, set()
+    for arg in inputs:
+        dataset = parse_dataset_arg(arg)
+        if dataset is not None:
+            _from_dataset(dataset[0], dataset[1], found, seen, keys)
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            _from_directory(path, found, seen, keys)
+        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            _from_list(path, found, seen, keys)
+        elif path.exists() or path.is_symlink():
+            _add(found, seen, keys, InputVideo(key=path.stem, path=str(path)))
+        else:
+            found.rejected.append((arg, "no such file or folder"))
+    return found
+
+
+def worker_of(key: str, num_workers: int) -> int:
+    """Which of ``num_workers`` workers owns a video: stable under appends and reruns."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_workers
+
+
+def worker_from_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun / Slurm array variables, else (0, 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return (int(os.environ["SLURM_ARRAY_TASK_ID"]) - first,
+                int(os.environ["SLURM_ARRAY_TASK_COUNT"]))
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------- job
+
+@dataclass
+class JobSummary:
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    frames: int = 0
+    tokens: int = 0
+    bytes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+    shards_written: int = 0
+    nothing_to_do: bool = False
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def decode_specs(cfg: TokenizeConfig, views: list[View]) -> list[DecodeSpec]:
+    return [DecodeSpec(fps=cfg.fps, shorter_side=round(cfg.shorter_side * v.scale), size=cfg.size,
+                       crop=v.crop, hflip=v.hflip) for v in views]
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+_MAX_IN_FLIGHT = 64   # videos submitted but not yet written, while the encoder batch fills
+
+
+class _Encoder:
+    """Gathers frames from many videos into large batches for the VQ-VAE encoder."""
+
+    def __init__(self, model: Any, batch_frames: int, device: str) -> None:
+        self.model, self.batch_frames, self.device = model, batch_frames, device
+        self.pending: list[tuple[int, int, np.ndarray]] = []    # (video, view, frames)
+        self.pending_frames = 0
+        self.out: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def add(self, video: int, view: int, frames: np.ndarray) -> None:
+        self.pending.append((video, view, frames))
+        self.pending_frames += len(frames)
+        if self.pending_frames >= self.batch_frames:
+            self.flush()
+
+    def flush(self) -> None:
+        from vimpac.tokenize.vqvae import encode_frames
+
+        if not self.pending:
+            return
+        frames = np.concatenate([f for _, _, f in self.pending], axis=0)
+        ids = encode_frames(self.model, frames, batch_size=self.batch_frames, device=self.device)
+        start = 0
+        for video, view, chunk in self.pending:
+            self.out.setdefault((video, view), []).append(ids[start:start + len(chunk)])
+            start += len(chunk)
+        self.pending, self.pending_frames = [], 0
+
+    def has_pending(self, video: int) -> bool:
+        """Whether frames of ``video`` still wait for the encoder."""
+        return any(p[0] == video for p in self.pending)
+
+    def take(self, video: int, views: int) -> list[np.ndarray]:
+        if self.has_pending(video):
+            self.flush()
+        return [np.concatenate(self.out.pop((video, v), []) or [np.zeros((0, 1, 1), np.uint16)])
+                for v in range(views)]
+
+    def drop(self, video: int, views: int) -> None:
+        self.pending = [p for p in self.pending if p[0] != video]
+        self.pending_frames = sum(len(p[2]) for p in self.pending)
+        for v in range(views):
+            self.out.pop((video, v), None)
+
+
+class TokenizeJob:
+    """One worker's share of a tokenize run; see :func:`run_tokenize`."""
+
+    def __init__(self, inputs: Inputs, tokenizer_dir: str | Path, out: str | Path,
+                 cfg: TokenizeConfig, worker_index: int = 0, num_workers: int = 1,
+                 progress: Progress = NULL_PROGRESS) -> None:
+        from vimpac.tokenize.vqvae import load_tokenizer
+
+        if not 0 <= worker_index < num_workers:
+            raise ValueError(f"worker index {worker_index} is outside 0..{num_workers - 1}")
+        self.inputs, self.out, self.cfg = inputs, Path(out), cfg
+        self.worker_index, self.num_workers, self.progress = worker_index, num_workers, progress
+        self.device = resolve_device(cfg.device)
+        self.model = load_tokenizer(tokenizer_dir, device=self.device)
+        self.views = make_views(cfg.scales, cfg.crops, cfg.hflip)
+        grid = cfg.size // self.model.downsample
+        self.settings = ArchiveSettings(
+            tokenizer_fingerprint=self.model.fingerprint(),
+            codebook_size=self.model.codebook_size, grid=(grid, grid), fps=cfg.fps,
+            shorter_side=cfg.shorter_side, size=cfg.size, views=self.views,
+            formats=list(cfg.formats), tokenizer_kind=self.model.config.kind,
+            dataset=inputs.dataset)
+        self.part = self._open_part()
+        self.summary = JobSummary()
+
+    def _open_part(self) -> ManifestPart:
+        path = self.out / "manifests" / (ManifestPart(self.settings, self.worker_index,
+                                                      self.num_workers).filename)
+        if not path.exists():
+            self._check_other_workers()
+            return ManifestPart(self.settings, self.worker_index, self.num_workers)
+        part = load_part(path)
+        if part.settings.compatible_key() != self.settings.compatible_key():
+            theirs, ours = part.settings.compatible_key(), self.settings.compatible_key()
+            diff = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours
+                             if theirs.get(k) != ours[k])
+            raise ArchiveError(f"{path}: archive was written with other settings ({diff}); "
+                               "write to a new --out folder")
+        if self.settings.dataset and part.settings.dataset is None:
+            part.settings.dataset = self.settings.dataset
+        removed = remove_orphans(self.out, part)
+        if removed:
+            log.info("removed %d interrupted shard file(s) from a previous run", len(removed))
+        return part
+
+    def _check_other_workers(self) -> None:
+        folder = self.out / "manifests"
+        for other in sorted(folder.glob("worker-*.json")) if folder.is_dir() else []:
+            part = load_part(other)
+            if part.num_workers != self.num_workers:
+                raise ArchiveError(f"{other}: archive was written by {part.num_workers} workers; "
+                                   f"rerun with --num-workers {part.num_workers} or use a new "
+                                   "--out folder")
+
+    # -- planning
+    def pending(self) -> list[InputVideo]:
+        """This worker's videos that still need tokenizing, in the fixed shard order."""
+        todo = []
+        for video in sorted(self.inputs.videos, key=lambda v: v.key):
+            if worker_of(video.key, self.num_workers) != self.worker_index:
+                continue
+            record = self.part.videos.get(video.key)
+            if record is None:
+                todo.append(video)
+                continue
+            size, mtime = _stat(video.path)
+            if record.status == "ok" or record.same_source(size, mtime):
+                if record.status == "ok" and not record.same_source(size, mtime):
+                    log.warning("%s changed since it was tokenized; keeping the archived tokens "
+                                "(tokenize into a new archive to refresh it)", video.path)
+                self.summary.skipped += 1
+                continue
+            todo.append(video)                   # failed before and changed since: retry
+        return todo
+
+    # -- running
+    def run(self) -> JobSummary:
+        start = time.perf_counter()
+        todo = self.pending()
+        self._record_rejected()
+        if not todo:
+            self.summary.nothing_to_do = True
+            self._finish()
+            return self.summary
+        self._write_config()
+        self._tokenize(todo)
+        self._finish()
+        self.summary.seconds = time.perf_counter() - start
+        return self.summary
+
+    def _record_rejected(self) -> None:
+        """Inputs refused before decoding (missing files, symlinks out of the tree) go into the
+        manifest as failed records too, each owned by one worker."""
+        for path, reason in self.inputs.rejected:
+            key = f"!rejected/{path}"
+            if worker_of(key, self.num_workers) != self.worker_index:
+                continue
+            self.part.videos[key] = VideoRecord(key=key, source=path, size=-1, mtime=0.0,
+                                                status="failed", reason=reason)
+            self.summary.failures.append((path, reason))
+
+    def _write_config(self) -> None:
+        text = config_to_yaml({"tokenize": self.cfg.__dict__, "worker": self.worker_index,
+                               "num_workers": self.num_workers,
+                               "tokenizer_fingerprint": self.settings.tokenizer_fingerprint})
+        atomic_write_bytes(self.out / "config" / f"tokenize-w{self.worker_index:05d}.yaml",
+                           text.encode())
+
+    def _tokenize(self, todo: list[InputVideo]) -> None:
+        """Decode in the pool, encode here in batches of ``batch_frames``, write in order.
+
+        Videos are finalized (written) in input order, but only once their frames are encoded:
+        a finished video waits while the encoder's batch is still filling from the videos behind
+        it, so short videos share full batches instead of each forcing a small one. The window of
+        videos in flight grows while the batch is not full (up to ``_MAX_IN_FLIGHT``).
+        """
+        task = self.progress.task("tokenize", total=len(todo), unit="videos")
+        specs = decode_specs(self.cfg, self.views)
+        writer = self._new_writer()
+        encoder = _Encoder(self.model, self.cfg.batch_frames, self.device)
+        lookahead = max(2, 2 * self.cfg.decode_workers)
+        done: dict[int, tuple[str, str]] = {}
+        next_submit = next_finalize = 0
+        t0 = time.perf_counter()
+        with DecodePool(self.cfg.decode_workers, chunk_frames=min(self.cfg.batch_frames, 256),
+                        timeout_s=self.cfg.decode_timeout_s) as pool:
+            while next_finalize < len(todo):
+                while next_submit < len(todo) and (
+                        next_submit < next_finalize + lookahead
+                        or (encoder.pending_frames < self.cfg.batch_frames
+                            and next_submit < next_finalize + _MAX_IN_FLIGHT)):
+                    pool.submit((next_submit, todo[next_submit].path, specs))
+                    next_submit += 1
+                if len(done) < next_submit - next_finalize:      # messages still to come
+                    message = pool.get(timeout=5.0)
+                    if message is not None:
+                        self._handle(message, encoder, done)
+                while next_finalize in done and (
+                        not encoder.has_pending(next_finalize)
+                        or encoder.pending_frames >= self.cfg.batch_frames
+                        or len(done) == next_submit - next_finalize):
+                    status, reason = done.pop(next_finalize)
+                    writer = self._finalize(todo[next_finalize], status, reason, encoder,
+                                            writer, next_finalize)
+                    next_finalize += 1
+                    elapsed = time.perf_counter() - t0
+                    task.advance(1, frames_s=self.summary.frames / max(elapsed, 1e-9),
+                                 failed=self.summary.failed)
+        if len(writer):
+            self._commit(writer)
+        task.close()
+
+    def _handle(self, message: tuple[str, int, Any, Any], encoder: _Encoder,
+                done: dict[int, tuple[str, str]]) -> None:
+        kind, index, view, payload = message
+        if kind == "frames":
+            encoder.add(index, view, payload)
+        elif kind == "done":
+            done[index] = ("ok", "")
+        else:
+            done[index] = ("failed", str(payload))
+            encoder.drop(index, len(self.views))
+
+    def _finalize(self, video: InputVideo, status: str, reason: str, encoder: _Encoder,
+                  writer: ShardWriter, index: int) -> ShardWriter:
+        size, mtime = _stat(video.path)
+        record = VideoRecord(key=video.key, source=os.path.abspath(video.path), size=size,
+                             mtime=mtime, label=video.label, splits=list(video.splits))
+        tokens = encoder.take(index, len(self.views)) if status == "ok" else []
+        if status == "ok":
+            frames = {len(t) for t in tokens}
+            if min(frames) == 0:
+                status, reason = "failed", "no frames decoded"
+            elif len(frames) > 1:
+                n = min(frames)
+                log.warning("%s: views decoded to %s frames; keeping the first %d",
+                            video.path, sorted(frames), n)
+                tokens = [t[:n] for t in tokens]
+        if status != "ok":
+            record.status, record.reason = "failed", reason
+            self.part.videos[video.key] = record
+            self.summary.failed += 1
+            self.summary.failures.append((video.path, reason))
+            log.warning("%s: %s", video.path, reason)
+            return writer
+        writer.add(record, {v.name: t for v, t in zip(self.views, tokens, strict=True)})
+        self.summary.ok += 1
+        self.summary.frames += record.frames * len(self.views)
+        self.summary.tokens += record.frames * len(self.views) * int(np.prod(self.settings.grid))
+        if len(writer) >= self.cfg.videos_per_shard:
+            self._commit(writer)
+            return self._new_writer()
+        return writer
+
+    def _new_writer(self) -> ShardWriter:
+        name = shard_name(self.worker_index, len(self.part.shards))
+        return ShardWriter(self.out, name, self.settings, chunk_frames=self.cfg.chunk_frames,
+                           zstd_level=self.cfg.zstd_level)
+
+    def _commit(self, writer: ShardWriter) -> None:
+        shard = writer.commit()
+        self.part.shards.append(shard)
+        for record in writer.records:
+            self.part.videos[record.key] = record
+        save_part(self.out, self.part)               # the shard becomes visible only now
+        self.summary.shards_written += 1
+        for fmt, nbytes in shard.bytes.items():
+            self.summary.bytes[fmt] = self.summary.bytes.get(fmt, 0) + nbytes
+
+    def _finish(self) -> None:
+        mine = [v for v in self.inputs.videos
+                if worker_of(v.key, self.num_workers) == self.worker_index]
+        self.part.complete = all(v.key in self.part.videos for v in mine)
+        save_part(self.out, self.part)
+        if self.summary.nothing_to_do:
+            reported = {path for path, _ in self.summary.failures}
+            for v in mine:
+                rec = self.part.videos.get(v.key)
+                if rec is not None and rec.status != "ok" and v.path not in reported:
+                    self.summary.failures.append((v.path, rec.reason))
+
+
+def _stat(path: str) -> tuple[int, float]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime
+    except OSError:
+        return -1, 0.0
+
+
+def run_tokenize(inputs: list[str] | Inputs, tokenizer_dir: str | Path, out: str | Path,
+                 cfg: TokenizeConfig, *, worker_index: int | None = None,
+                 num_workers: int | None = None,
+                 progress: Progress = NULL_PROGRESS) -> JobSummary:
+    """Tokenize ``inputs`` into the archive folder ``out`` (resumable, idempotent).
+
+    Worker index and count default to torchrun's RANK / WORLD_SIZE (or a Slurm array's), else a
+    single worker.
+    """
+    env_index, env_count = worker_from_env()
+    worker_index = env_index if worker_index is None else worker_index
+    num_workers = env_count if num_workers is None else num_workers
+    found = inputs if isinstance(inputs, Inputs) else collect_inputs(inputs)
+    job = TokenizeJob(found, tokenizer_dir, out, cfg, worker_index, num_workers, progress)
+    return job.run()
