@@ -422,12 +422,20 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (is {path} a tokenizer directory?)")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: format_version={meta.get('format_version')!r}, "
-                         f"expected {FORMAT_VERSION}")
-    model = VQTokenizer(VQConfig.from_dict(meta["config"], source=str(cfg_path)))
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: not a tokenizer config ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{cfg_path}: format_version={got!r}, expected {FORMAT_VERSION}")
+    model = VQTokenizer(VQConfig.from_dict(meta.get("config", {}), source=str(cfg_path)))
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # safetensors/torch errors name no file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{weights_path}: unreadable tokenizer weights ({first})") from None
     stored = meta.get("fingerprint")
     if stored is not None and stored != model.fingerprint():
         raise ValueError(f"{weights_path}: weights do not match the fingerprint in {cfg_path}")
