@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/vimpac bench --scale small
+	$(BIN)/python -m benchmarks --scale small
 
 clean:
 	rm -rf $(VENV) .pytest_cache

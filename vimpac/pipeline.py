@@ -95,9 +95,9 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
     d, stages = config.data, []
     if d.synthetic:
         stages.append(Stage("data", "data", {k: v for k, v in dataclasses.asdict(d).items()
-                                             if k.startswith("synth")}))
+                                             if k.startswith("synth") and k != "synth_layout"}))
         pretrain_inputs = {"from": "data", "path": "uncurated"}
-        finetune_inputs = {"from": "data", "dataset": "ucf101", "path": "ucf101"}
+        finetune_inputs = {"from": "data", "dataset": d.synth_layout}
     else:
         if not d.pretrain_inputs and not d.finetune_dataset:
             raise PipelineError(f"pipeline '{config.name}': data.synthetic is false but neither "
@@ -200,7 +200,8 @@ def _pretrain_inputs(ctx: RunContext) -> list[str]:
 
 def _finetune_inputs(ctx: RunContext) -> list[str]:
     if ctx.config.data.synthetic:
-        return [f"ucf101:{ctx.path('data') / 'corpus' / 'ucf101'}"]
+        layout = ctx.config.data.synth_layout
+        return [f"{layout}:{ctx.path('data') / 'corpus' / layout}"]
     return [ctx.config.data.finetune_dataset]
 
 

@@ -50,6 +50,8 @@ class DataConfig:
     synth_val_per_class: int = param(4, "synthetic labelled val videos per class", ge=1)
     synth_size: int = param(96, "synthetic labelled clip side in pixels", ge=32, le=1024)
     synth_uncurated_videos: int = param(12, "synthetic unlabelled multi-shot videos", ge=0)
+    synth_layout: str = param("ucf101", "layout the synthetic labelled task is read from",
+                              choices=("ucf101", "ssv2", "list"))
     pretrain_inputs: list[str] = param([], "videos, folders or list files for pre-training "
                                            "(used when synthetic is false)")
     finetune_dataset: str = param("", "labelled dataset as NAME:ROOT, e.g. ucf101:/data/UCF101 "

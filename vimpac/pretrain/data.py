@@ -11,6 +11,11 @@ state, so the stream is a pure function of its position. Each consumer runs epoc
 ``drop_last`` per epoch; a batch's global index k maps to DataLoader worker k % W, so resuming at
 global position K is exact (:class:`ClipStream` ``start_batch``). Memory holds one shard and the
 shuffle buffer, never the archive.
+
+For speed the per-video stages run vectorised over a whole shard (:func:`sample_clip_pairs`,
+:class:`ShuffleBuffer`): one read per shard into a flat array, all random draws of the shard in
+bulk, clips gathered with one fancy index, and items kept as uint16 until a batch is cut (then
+int64). :func:`clip_pair` and :func:`shuffled` state the same rules one item at a time.
 """
 
 from __future__ import annotations
@@ -102,15 +107,26 @@ def videos_in_epoch(shards: list[ShardRef], seed: int, epoch: int, consumer: int
 
 # --------------------------------------------------------------------------------- reading shards
 
-def read_shard_videos(archive: Archive, name: str, fmt: str, view: str) -> list[np.ndarray]:
-    """All videos of one shard as uint16 [T_i, H, W] arrays (one read per shard)."""
+def read_shard_flat(archive: Archive, name: str, fmt: str, view: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """All videos of one shard in one read: (uint16 [frames, H, W], int64 offsets [videos + 1]);
+    video i is ``flat[offsets[i]:offsets[i + 1]]``."""
     if fmt == "zarr":
         shard = archive.open_zarr_shard(name, verify=True)
-        flat = np.asarray(shard.group[f"tokens/{view}"][:])
-        return [flat[shard.offsets[i]:shard.offsets[i + 1]] for i in range(len(shard))]
-    files = archive.shards[name].files["webdataset"]
-    (digest,) = files.values()
-    return [views[view] for _, views in read_wds_shard(archive.wds_path(name), digest)]
+        return np.asarray(shard.group[f"tokens/{view}"][:]), np.asarray(shard.offsets, np.int64)
+    archive.verify_once(name, "webdataset")          # checksum once per shard, not per read
+    videos = [views[view] for _, views in read_wds_shard(archive.wds_path(name))]
+    offsets = np.zeros(len(videos) + 1, np.int64)
+    np.cumsum([len(v) for v in videos], out=offsets[1:])
+    if not videos:
+        return np.zeros((0, 1, 1), np.uint16), offsets
+    return np.concatenate(videos, axis=0), offsets
+
+
+def read_shard_videos(archive: Archive, name: str, fmt: str, view: str) -> list[np.ndarray]:
+    """All videos of one shard as uint16 [T_i, H, W] arrays (one read per shard)."""
+    flat, offsets = read_shard_flat(archive, name, fmt, view)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
 # --------------------------------------------------------------------------------- clip sampling
@@ -161,6 +177,84 @@ def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Itera
     order = rng.permutation(len(buffer))
     for i in order:
         yield buffer[i]
+
+
+def sample_clip_pairs(flat: np.ndarray, offsets: np.ndarray, videos: np.ndarray,
+                      rng: np.random.Generator, spec: StreamSpec) -> np.ndarray:
+    """Two clips of each video in ``videos`` (shard-local indices), vectorised over the shard.
+
+    The rules of :func:`clip_pair` (independent uniform starts, optional max distance, one spatial
+    crop per video, [PAD] past the end) with all random draws made per shard in bulk.
+    flat uint16 [F, H, W], offsets [V + 1] -> [n, 2, T, grid, grid] in :func:`item_dtype`.
+    """
+    n, t, g = len(videos), spec.frames, spec.grid
+    first = offsets[videos]
+    length = offsets[videos + 1] - first                             # [n]
+    last = np.maximum(length - t, 0)
+    s1 = rng.integers(0, last + 1)
+    if spec.max_distance <= 0:
+        s2 = rng.integers(0, last + 1)
+    else:
+        s2 = rng.integers(np.maximum(s1 - spec.max_distance, 0),
+                          np.minimum(s1 + spec.max_distance, last) + 1)
+    height, width = flat.shape[1:3]
+    y = rng.integers(0, height - g + 1, n)
+    x = rng.integers(0, width - g + 1, n)
+    rel = np.stack([s1, s2], axis=1)[:, :, None] + np.arange(t)     # [n, 2, T]
+    frame = first[:, None, None] + np.minimum(rel, length[:, None, None] - 1)
+    if g == height and g == width:
+        clips = flat[frame]                                           # [n, 2, T, H, W]
+    else:
+        rows = (y[:, None] + np.arange(g))[:, None, None, :, None]   # [n, 1, 1, g, 1]
+        cols = (x[:, None] + np.arange(g))[:, None, None, None, :]   # [n, 1, 1, 1, g]
+        clips = flat[frame[..., None, None], rows, cols]              # [n, 2, T, g, g]
+    out = clips.astype(item_dtype(spec.pad_id))
+    out[rel >= length[:, None, None]] = spec.pad_id
+    return out
+
+
+def item_dtype(pad_id: int) -> type:
+    """Smallest dtype that holds token ids and [PAD] (the stream widens to int64 per batch)."""
+    return np.uint16 if pad_id <= np.iinfo(np.uint16).max else np.int32
+
+
+class ShuffleBuffer:
+    """:func:`shuffled` for arrays of items, drawing its random indices in bulk.
+
+    Same semantics: the first ``size`` items fill the buffer; then every new item swaps with a
+    uniformly chosen slot, whose old item is emitted; :meth:`drain` emits the rest permuted.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size, self.rng = size, rng
+        self.items: np.ndarray | None = None          # [<= size, ...]
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """Add items [n, ...]; returns the emitted items [m, ...] in order (m may be 0)."""
+        held = 0 if self.items is None else len(self.items)
+        fill = min(self.size - held, len(block))
+        if fill:
+            self.items = block[:fill] if self.items is None else \
+                np.concatenate([self.items, block[:fill]])
+            block = block[fill:]
+        if not len(block):
+            return block
+        slots = self.rng.integers(0, self.size, len(block)).tolist()
+        owner = list(range(self.size))               # pool index held by each slot
+        emitted = []
+        for j, slot in enumerate(slots):
+            emitted.append(owner[slot])
+            owner[slot] = self.size + j
+        pool = np.concatenate([self.items, block])
+        self.items = pool[owner]
+        return pool[emitted]
+
+    def drain(self) -> np.ndarray | None:
+        """The remaining items in random order (None when empty); the buffer is emptied."""
+        if self.items is None:
+            return None
+        items, self.items = self.items[self.rng.permutation(len(self.items))], None
+        return items
 
 
 # ---------------------------------------------------------------------------------------- stream
@@ -228,6 +322,18 @@ class ClipStream(IterableDataset):
         return videos_in_epoch(self.shards, self.spec.seed, epoch, consumer,
                                consumers) // self.spec.batch_size
 
+    def check_enough_videos(self, workers: int) -> None:
+        """Fail early (not inside a DataLoader worker) when a consumer cannot fill one batch."""
+        consumers = self.world * max(1, workers)
+        fewest = min(videos_in_epoch(self.shards, self.spec.seed, 0, c, consumers)
+                     for c in range(consumers))
+        if fewest < self.spec.batch_size:
+            total = sum(s.videos for s in self.shards)
+            raise ArchiveError(
+                f"{self.paths[0]}: {total} videos cannot fill batches of {self.spec.batch_size} "
+                f"videos for each of {consumers} readers (processes x DataLoader workers); "
+                "use more videos, a smaller pretrain.micro_batch or fewer workers")
+
     def consumer_batches(self, consumer: int, consumers: int) -> Iterator[np.ndarray]:
         """This consumer's batches, epoch after epoch, forever."""
         epoch = 0
@@ -239,27 +345,41 @@ class ClipStream(IterableDataset):
             epoch += 1
 
     def epoch_batches(self, epoch: int, consumer: int, consumers: int) -> Iterator[np.ndarray]:
+        """One epoch of batches int64 [B, 2, T, G, G] (drop_last)."""
         rng = rng_for(self.spec.seed, epoch, consumer)
-        pairs = shuffled(self._pairs(epoch, consumer, consumers, rng), self.spec.shuffle_buffer,
-                         rng)
-        batch: list[np.ndarray] = []
-        for pair in pairs:
-            batch.append(pair)
-            if len(batch) == self.spec.batch_size:
-                yield np.stack(batch)
-                batch = []
+        buffer = ShuffleBuffer(self.spec.shuffle_buffer, rng)
+        pending: list[np.ndarray] = []               # emitted items not yet in a batch
+        held, size = 0, self.spec.batch_size
+        for block in self._pair_blocks(epoch, consumer, consumers, rng):
+            out = buffer.push(block)
+            if len(out):
+                pending.append(out)
+                held += len(out)
+            while held >= size:
+                items = pending[0] if len(pending) == 1 else np.concatenate(pending)
+                for start in range(0, len(items) - size + 1, size):
+                    yield items[start:start + size].astype(np.int64)
+                rest = len(items) % size
+                pending, held = ([items[len(items) - rest:]] if rest else []), rest
+        rest = buffer.drain()
+        if rest is not None:
+            items = np.concatenate(pending + [rest]) if pending else rest
+            for start in range(0, len(items) - size + 1, size):
+                yield items[start:start + size].astype(np.int64)
 
-    def _pairs(self, epoch: int, consumer: int, consumers: int,
-               rng: np.random.Generator) -> Iterator[np.ndarray]:
+    def _pair_blocks(self, epoch: int, consumer: int, consumers: int,
+                     rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Per shard of this consumer's epoch: its videos' clip pairs [n, 2, T, G, G]."""
         for shard, mod, rem in epoch_assignment(self.shards, self.spec.seed, epoch, consumer,
                                                 consumers):
             try:
-                videos = read_shard_videos(self.archives[shard.archive], shard.name,
-                                           self.spec.fmt, self.view)
+                flat, offsets = read_shard_flat(self.archives[shard.archive], shard.name,
+                                                self.spec.fmt, self.view)
             except ChecksumError as exc:
                 if self.spec.on_corrupt == "stop":
                     raise
                 log.warning("skipping corrupt shard: %s", exc)
                 continue
-            for video in videos[rem::mod]:
-                yield clip_pair(video, rng, self.spec)
+            videos = np.arange(rem, len(offsets) - 1, mod)
+            if len(videos):
+                yield sample_clip_pairs(flat, offsets, videos, rng, self.spec)

@@ -116,6 +116,7 @@ def build_loader(archives: list[str], cfg: PretrainConfig, plan: Plan, dist: Dis
                       max_distance=round(cfg.max_clip_distance * fps),
                       shuffle_buffer=cfg.shuffle_buffer, on_corrupt=cfg.on_corrupt_shard)
     stream = ClipStream(archives, spec, rank=dist.rank, world=dist.world, start_batch=start_batch)
+    stream.check_enough_videos(cfg.num_workers)
     generator = torch.Generator().manual_seed(cfg.seed)   # keeps the global RNG untouched
     return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator,
                       pin_memory=dist.device.type == "cuda",

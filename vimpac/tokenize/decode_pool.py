@@ -43,16 +43,41 @@ def decode_task(task: Task, chunk_frames: int, timeout_s: float) -> Iterator[Mes
     yield ("done", index, None, None)
 
 
-def _worker(tasks: Any, results: Any, chunk_frames: int, timeout_s: float) -> None:
+def _parent_gone() -> bool:
+    parent = mp.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
+def _put(results: Any, message: Message) -> bool:
+    """Send a message; False when the parent died (kill -9) while the queue was full."""
     while True:
-        task = tasks.get()
+        try:
+            results.put(message, timeout=1.0)
+            return True
+        except queue.Full:
+            if _parent_gone():
+                return False
+
+
+def _worker(tasks: Any, results: Any, chunk_frames: int, timeout_s: float) -> None:
+    """Decode tasks until told to stop, or until the parent process is gone."""
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if _parent_gone():
+                results.cancel_join_thread()     # nobody reads the pipe: exit without flushing
+                return
+            continue
         if task is None:
             return
         try:
             for message in decode_task(task, chunk_frames, timeout_s):
-                results.put(message)
+                if not _put(results, message):
+                    results.cancel_join_thread()
+                    return
         except BaseException:  # pragma: no cover - last resort, keeps the parent informed
-            results.put(("failed", task[0], None, traceback.format_exc(limit=1)))
+            _put(results, ("failed", task[0], None, traceback.format_exc(limit=1)))
 
 
 class DecodePool:

