@@ -64,7 +64,7 @@ def make_tokenizer(folder: Path, kind: str, seed: int = 0) -> Path:
 def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
                         frames: tuple[int, int], grid: int = 16, codebook: int = 8192,
                         seed: int = 0, formats: tuple[str, ...] = ("zarr", "webdataset"),
-                        chunk_frames: int = 64) -> Path:
+                        chunk_frames: int | None = None) -> Path:
     """A token archive written through the archive writer, no decoding: spatially smooth ids
     (neighbouring tokens often repeat, as real token maps do) at ``grid`` x ``grid``."""
     from vimpac.common.archive import (
@@ -76,6 +76,7 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
         save_part,
         shard_name,
     )
+    from vimpac.common.config import TokenizeConfig
 
     if (root / "manifests").is_dir():
         return root
@@ -85,7 +86,8 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
     part = ManifestPart(settings=settings)
     rng = np.random.default_rng(seed)
     for s in range(shards):
-        writer = ShardWriter(root, shard_name(0, s), settings, chunk_frames=chunk_frames)
+        writer = ShardWriter(root, shard_name(0, s), settings,
+                             chunk_frames=chunk_frames or TokenizeConfig().chunk_frames)
         for v in range(videos_per_shard):
             n = int(rng.integers(frames[0], frames[1] + 1))
             coarse = rng.integers(0, codebook, (n, grid // 2, grid // 2))
