@@ -67,15 +67,7 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
                         chunk_frames: int | None = None) -> Path:
     """A token archive written through the archive writer, no decoding: spatially smooth ids
     (neighbouring tokens often repeat, as real token maps do) at ``grid`` x ``grid``."""
-    from vimpac.common.archive import (
-        ArchiveSettings,
-        ManifestPart,
-        ShardWriter,
-        VideoRecord,
-        make_views,
-        save_part,
-        shard_name,
-    )
+    from vimpac.common.archive import ArchiveSettings, VideoRecord, make_views, write_archive
     from vimpac.common.config import TokenizeConfig
 
     if (root / "manifests").is_dir():
@@ -83,20 +75,17 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
     views = make_views([1.0], ["center"], False)
     settings = ArchiveSettings("bench-tokenizer", codebook, (grid, grid), 2.0, grid * 8, grid * 8,
                                views, list(formats))
-    part = ManifestPart(settings=settings)
     rng = np.random.default_rng(seed)
-    for s in range(shards):
-        writer = ShardWriter(root, shard_name(0, s), settings,
-                             chunk_frames=chunk_frames or TokenizeConfig().chunk_frames)
-        for v in range(videos_per_shard):
-            n = int(rng.integers(frames[0], frames[1] + 1))
-            coarse = rng.integers(0, codebook, (n, grid // 2, grid // 2))
-            tokens = coarse.repeat(2, axis=1).repeat(2, axis=2).astype(np.uint16)
-            key = f"s{s:04d}v{v:04d}"
-            writer.add(VideoRecord(key, f"/src/{key}.mp4", 1, 0.0), {views[0].name: tokens})
-        part.shards.append(writer.commit())
-        for rec in writer.records:
-            part.videos[rec.key] = rec
-    part.complete = True
-    save_part(root, part)
+
+    def videos():
+        for s in range(shards):
+            for v in range(videos_per_shard):
+                n = int(rng.integers(frames[0], frames[1] + 1))
+                coarse = rng.integers(0, codebook, (n, grid // 2, grid // 2))
+                tokens = coarse.repeat(2, axis=1).repeat(2, axis=2).astype(np.uint16)
+                key = f"s{s:04d}v{v:04d}"
+                yield VideoRecord(key, f"/src/{key}.mp4", 1, 0.0), {views[0].name: tokens}
+
+    write_archive(root, settings, videos(), videos_per_shard=videos_per_shard,
+                  chunk_frames=chunk_frames or TokenizeConfig().chunk_frames)
     return root

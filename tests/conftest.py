@@ -53,40 +53,24 @@ def tiny_tokenizer(tmp_path_factory):
 def write_token_archive(root, *, videos=12, frames=(3, 12), grid=8, codebook=64, per_shard=4,
                         seed=0, labels=None, splits=None, views=None, fingerprint="test-tok",
                         formats=("zarr", "webdataset")):
-    """A token archive written straight through the archive writer (no video decoding)."""
+    """A token archive of random ids written straight through the archive writer."""
     import numpy as np
 
-    from vimpac.common.archive import (
-        ArchiveSettings,
-        ManifestPart,
-        ShardWriter,
-        VideoRecord,
-        make_views,
-        save_part,
-        shard_name,
-    )
+    from vimpac.common.archive import ArchiveSettings, VideoRecord, make_views, write_archive
 
     views = views or make_views([1.0], ["center"], False)
     settings = ArchiveSettings(fingerprint, codebook, (grid, grid), 4.0, grid * 8, grid * 8,
                                views, list(formats))
-    part = ManifestPart(settings=settings)
     rng = np.random.default_rng(seed)
-    writer = None
-    for i in range(videos):
-        if writer is None:
-            writer = ShardWriter(root, shard_name(0, len(part.shards)), settings, chunk_frames=4)
-        n = int(rng.integers(frames[0], frames[1] + 1))
-        tokens = {v.name: rng.integers(0, codebook, (n, grid, grid)).astype(np.uint16)
-                  for v in views}
-        record = VideoRecord(f"v{i:04d}", f"/src/v{i}.mp4", 1, 0.0,
-                             label=-1 if labels is None else int(labels[i]),
-                             splits=[] if splits is None else list(splits[i]))
-        writer.add(record, tokens)
-        if len(writer) == per_shard or i == videos - 1:
-            part.shards.append(writer.commit())
-            for rec in writer.records:
-                part.videos[rec.key] = rec
-            writer = None
-    part.complete = True
-    save_part(root, part)
+
+    def videos_():
+        for i in range(videos):
+            n = int(rng.integers(frames[0], frames[1] + 1))
+            tokens = {v.name: rng.integers(0, codebook, (n, grid, grid)).astype(np.uint16)
+                      for v in views}
+            yield VideoRecord(f"v{i:04d}", f"/src/v{i}.mp4", 1, 0.0,
+                              label=-1 if labels is None else int(labels[i]),
+                              splits=[] if splits is None else list(splits[i])), tokens
+
+    write_archive(root, settings, videos_(), videos_per_shard=per_shard, chunk_frames=4)
     return root

@@ -23,6 +23,7 @@ and, once per shard, by the readers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -33,7 +34,7 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,14 +196,19 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[Any]:
+    """A binary file that replaces ``path`` only when the block succeeds (temp, fsync, rename).
+
+    Readers see the old file or the new one, never a mix; on any error the temporary file is
+    removed and an OSError that names no file is made to name ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -212,6 +218,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             exc.filename = str(path)        # a failed write() names no file: name the target
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
@@ -388,6 +400,35 @@ def load_part(path: str | Path) -> ManifestPart:
         return ManifestPart.from_json(data)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ArchiveError(f"{path}: malformed manifest: {exc}") from None
+
+
+def write_archive(root: str | Path, settings: ArchiveSettings,
+                  videos: Iterable[tuple[VideoRecord, dict[str, np.ndarray]]], *,
+                  videos_per_shard: int = 256, chunk_frames: int = 256,
+                  zstd_level: int = 3) -> ManifestPart:
+    """Write an archive from tokens already in memory (one worker), e.g. tokens converted from
+    another tool or made up for tests: ``videos`` yields (record, {view: uint16 [T, H, W]})."""
+    part = ManifestPart(settings=settings)
+    writer: ShardWriter | None = None
+
+    def commit(w: ShardWriter) -> None:
+        part.shards.append(w.commit())
+        part.videos.update((r.key, r) for r in w.records)
+        save_part(root, part)
+
+    for record, tokens in videos:
+        if writer is None:
+            writer = ShardWriter(root, shard_name(0, len(part.shards)), settings,
+                                 chunk_frames=chunk_frames, zstd_level=zstd_level)
+        writer.add(record, tokens)
+        if len(writer) == videos_per_shard:
+            commit(writer)
+            writer = None
+    if writer is not None:
+        commit(writer)
+    part.complete = True
+    save_part(root, part)
+    return part
 
 
 def remove_orphans(root: str | Path, part: ManifestPart) -> list[str]:

@@ -8,15 +8,13 @@ loading one cannot run code.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vimpac.common.archive import fsync_dir
+from vimpac.common.archive import atomic_open
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -32,27 +30,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         OSError: naming ``path`` when the disk is full or the folder is not writable (torch's
             own "unexpected pos" error for a failed write is turned back into that OSError).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = _WriteErrors(fh)
-            try:
-                torch.save(state, writer)
-            except RuntimeError:
-                if writer.error is None:
-                    raise
-                raise writer.error from None
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)
-        raise
-    fsync_dir(path.parent)
+    with atomic_open(path) as fh:
+        writer = _WriteErrors(fh)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 class _WriteErrors:
