@@ -13,7 +13,6 @@ checkpoint, so on CPU a resumed run ends with exactly the weights of an uninterr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vimpac.common.archive import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.video import DecodeSpec, VideoError, decode_video
 from vimpac.tokenize.vqvae import (
@@ -380,7 +380,8 @@ def train_tokenizer_on_frames(train: np.ndarray, held: np.ndarray, spec: Tokeniz
     metrics = {**evaluate_tokenizer(state.model, eval_frames, spec.eval_batch_size),
                **_training_summary(state, seconds, len(train), len(held))}
     write_reconstructions(state.model, eval_frames, out / RECONSTRUCTIONS_FILE)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(out / METRICS_FILE, metrics)
+    atomic_write_json(out / "train_spec.json", dataclasses.asdict(spec))   # resolved settings
     log.info("tokenizer: psnr %.2f dB, usage %.3f, perplexity %.1f", metrics["psnr"],
              metrics["code_usage"], metrics["perplexity"])
     return metrics
