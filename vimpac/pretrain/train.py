@@ -7,6 +7,7 @@ autocast are applied in :func:`wrap_model` and nowhere else. Run it alone or und
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -159,34 +160,29 @@ def micro_step(model: nn.Module, batch: torch.Tensor, cfg: PretrainConfig, plan:
 
 def train_update(model: nn.Module, batches: Any, optimizer: Any, scheduler: Any,
                  cfg: PretrainConfig, plan: Plan, model_cfg: ModelConfig, dist: DistInfo,
-                 step: int) -> dict[str, float]:
-    """One optimizer update over ``plan.accumulation`` micro-batches."""
-    sums: dict[str, float] = {}
+                 step: int) -> dict[str, torch.Tensor]:
+    """One optimizer update over ``plan.accumulation`` micro-batches.
+
+    Returns the update's mean losses and accuracies as device tensors: reading them (a
+    host-device sync) is left to the caller, which does it only when it logs.
+    """
+    sums: dict[str, torch.Tensor] = {}
     for micro in range(plan.accumulation):
         batch = next(batches)["tokens"]
         sync = micro == plan.accumulation - 1 or not isinstance(
             model, nn.parallel.DistributedDataParallel)
-        with (model.no_sync() if not sync else _null()):
+        with model.no_sync() if not sync else contextlib.nullcontext():
             losses = micro_step(model, batch, cfg, plan, model_cfg, dist,
                                 mask_generator(cfg, dist, step, micro))
             (losses["loss"] / plan.accumulation).backward()
         for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) / plan.accumulation
+            sums[key] = sums.get(key, 0.0) + value.detach().float() / plan.accumulation
     if cfg.grad_clip > 0:
-        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                  cfg.grad_clip))
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------------- checkpointing
@@ -299,19 +295,20 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
     model.train()
     tick, clips = time.perf_counter(), 0
     while step < end:
-        values = train_update(model, batches, optimizer, scheduler, cfg, plan, model_cfg, dist,
-                              step)
-        check_finite(values, step)
+        tensors = train_update(model, batches, optimizer, scheduler, cfg, plan, model_cfg,
+                               dist, step)
         step += 1
         clips += 2 * plan.micro_batch * plan.accumulation * dist.world
         if step % cfg.log_every == 0 or step == end:
+            values = {k: float(v) for k, v in tensors.items()}      # the one sync per log line
+            check_finite(values, step)
             elapsed = time.perf_counter() - tick
             values.update(lr=scheduler.get_last_lr()[0], clips_per_s=clips / max(elapsed, 1e-9))
             metrics.write(step, values)
             tick, clips = time.perf_counter(), 0
-        if task:
-            task.advance(1, loss=values["loss"], mlm_acc=values["mlm_acc"],
-                         nce_acc=values["nce_acc"])
+            if task:
+                task.update(completed=step, loss=values["loss"], mlm_acc=values["mlm_acc"],
+                            nce_acc=values["nce_acc"])
         if step % cfg.checkpoint_every == 0 or step == end:
             if dist.is_main:
                 ckpts.save(step, checkpoint_state(model, optimizer, scheduler, step, plan, cfg))
