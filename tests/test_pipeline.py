@@ -86,3 +86,10 @@ def test_user_data_pipeline_needs_inputs(tmp_path):
     """))
     with pytest.raises(PipelineError, match="pretrain_inputs"):
         build_plan(load_pipeline("mine", path), tmp_path)
+
+
+def test_packaged_pretraining_variant_shares_the_demo_archives(tmp_path):
+    demo, variant = plan("demo", tmp_path), plan("demo-mp-only", tmp_path)
+    for shared in ("data", "tokenizer", "tokens-pretrain", "tokens-finetune", "finetune-scratch"):
+        assert demo[shared].path == variant[shared].path
+    assert demo["pretrain"].path != variant["pretrain"].path
