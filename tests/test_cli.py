@@ -14,3 +14,17 @@ def test_doctor_reports_ffmpeg_and_torch(cli_runner):
     result = cli_runner.invoke(cli, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "ffmpeg" in result.output and "torch" in result.output
+
+
+def test_stage_errors_inside_run_are_one_line(cli_runner, tmp_path, monkeypatch):
+    """An archive problem raised deep inside `vimpac run` ends as one line, exit 2."""
+    import vimpac.pipeline as pipeline
+    from vimpac.common.archive import ArchiveError
+
+    def broken(ctx, stage):
+        raise ArchiveError(f"{tmp_path}/archive: too few videos for a batch")
+
+    monkeypatch.setitem(pipeline.STAGES, "data", broken)
+    result = cli_runner.invoke(cli, ["-q", "run", "demo", "--runs", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "too few videos" in result.output and "Traceback" not in result.output

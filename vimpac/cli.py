@@ -132,11 +132,30 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 message += " (out of disk space or over the file size limit; the last " \
                            "committed state is intact: free space and rerun to resume)"
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise                       # a bug: keep the traceback
+            message = str(exc)
         # one line, printed verbatim: paths and values may contain newlines or [markup]
         text = " ".join(message.splitlines())
         console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)
     return wrapper
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors about the user's inputs, archives, checkpoints or plans (not bugs): one line."""
+    from vimpac.common.archive import ArchiveError
+    from vimpac.common.video import VideoError
+    from vimpac.finetune.datasets import DatasetError
+    from vimpac.pipeline import PipelineError
+
+    classes: list[type] = [ArchiveError, VideoError, DatasetError, PipelineError]
+    for module, name in (("vimpac.common.checkpoint", "CheckpointError"),
+                         ("vimpac.pretrain.train", "PretrainError")):
+        if module in sys.modules:           # loaded only if the command used them (torch)
+            classes.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(classes))
 
 
 class UsageError(Exception):
