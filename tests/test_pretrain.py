@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from vimpac.common.archive import ArchiveError
 from vimpac.common.config import PretrainConfig
-from vimpac.pretrain.data import ClipStream, StreamSpec, clip_pair, sample_starts
+from vimpac.pretrain.data import ClipStream, StreamSpec, sample_clip_pairs
 from vimpac.pretrain.train import PretrainError, run_pretrain
 
 PAD = 65
@@ -72,14 +72,23 @@ def test_ranks_see_disjoint_videos(archive):
     assert not seen[0] & seen[1]
 
 
+def starts_of(length, frames, max_distance, draws, rng):
+    """Clip starts drawn by sample_clip_pairs for one video whose frame f holds the value f."""
+    flat = np.broadcast_to(np.arange(length, dtype=np.uint16)[:, None, None], (length, 4, 4))
+    pairs = sample_clip_pairs(np.ascontiguousarray(flat), np.array([0, length]),
+                              np.zeros(draws, dtype=np.int64), rng,
+                              spec(frames=frames, grid=4, max_distance=max_distance))
+    return pairs[:, :, 0, 0, 0].astype(int)                           # [draws, 2]
+
+
 def test_clip_sampling_rules():
     rng = np.random.default_rng(0)
-    starts = [sample_starts(rng, 20, 5, 0) for _ in range(2000)]
-    assert {s for pair in starts for s in pair} == set(range(16))   # uniform over all starts
-    near = [sample_starts(rng, 100, 5, 3) for _ in range(500)]
-    assert max(abs(a - b) for a, b in near) <= 3
+    starts = starts_of(20, 5, 0, 2000, rng)
+    assert set(starts.ravel()) == set(range(16))                      # uniform over all starts
+    near = starts_of(100, 5, 3, 500, rng)
+    assert np.abs(near[:, 0] - near[:, 1]).max() <= 3
     video = np.arange(3 * 12 * 12, dtype=np.uint16).reshape(3, 12, 12)
-    pair = clip_pair(video, rng, spec(grid=8))
+    (pair,) = sample_clip_pairs(video, np.array([0, 3]), np.array([0]), rng, spec(grid=8))
     assert pair.shape == (2, 5, 8, 8) and (pair[:, 3:] == PAD).all()   # crop 12->8, pad 3->5
 
 

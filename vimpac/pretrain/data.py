@@ -15,7 +15,7 @@ shuffle buffer, never the archive.
 For speed the per-video stages run vectorised over a whole shard (:func:`sample_clip_pairs`,
 :class:`ShuffleBuffer`): one read per shard into a flat array, all random draws of the shard in
 bulk, clips gathered with one fancy index, and items kept as uint16 until a batch is cut (then
-int64). :func:`clip_pair` and :func:`shuffled` state the same rules one item at a time.
+int64).
 """
 
 from __future__ import annotations
@@ -123,25 +123,6 @@ def read_shard_flat(archive: Archive, name: str, fmt: str, view: str
     return np.concatenate(videos, axis=0), offsets
 
 
-def read_shard_videos(archive: Archive, name: str, fmt: str, view: str) -> list[np.ndarray]:
-    """All videos of one shard as uint16 [T_i, H, W] arrays (one read per shard)."""
-    flat, offsets = read_shard_flat(archive, name, fmt, view)
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-
-# --------------------------------------------------------------------------------- clip sampling
-
-def sample_starts(rng: np.random.Generator, length: int, frames: int,
-                  max_distance: int) -> tuple[int, int]:
-    """Start frames of the two clips: independent and uniform, optionally within max_distance."""
-    last = max(length - frames, 0)
-    s1 = int(rng.integers(0, last + 1))
-    if max_distance <= 0:
-        return s1, int(rng.integers(0, last + 1))
-    lo, hi = max(0, s1 - max_distance), min(last, s1 + max_distance)
-    return s1, int(rng.integers(lo, hi + 1))
-
-
 def take_clip(video: np.ndarray, start: int, frames: int, pad_id: int) -> np.ndarray:
     """Frames ``start:start+frames``, right-padded with [PAD] when the video is short."""
     clip = video[start:start + frames].astype(np.int64)
@@ -151,40 +132,13 @@ def take_clip(video: np.ndarray, start: int, frames: int, pad_id: int) -> np.nda
     return clip
 
 
-def crop_offsets(rng: np.random.Generator, height: int, width: int, grid: int) -> tuple[int, int]:
-    return int(rng.integers(0, height - grid + 1)), int(rng.integers(0, width - grid + 1))
-
-
-def clip_pair(video: np.ndarray, rng: np.random.Generator, spec: StreamSpec) -> np.ndarray:
-    """Two clips of one video, same spatial crop: int64 [2, T, grid, grid]."""
-    s1, s2 = sample_starts(rng, len(video), spec.frames, spec.max_distance)
-    y, x = crop_offsets(rng, video.shape[1], video.shape[2], spec.grid)
-    video = video[:, y:y + spec.grid, x:x + spec.grid]
-    return np.stack([take_clip(video, s1, spec.frames, spec.pad_id),
-                     take_clip(video, s2, spec.frames, spec.pad_id)])
-
-
-def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """A shuffle buffer of ``size`` items (deterministic given ``rng``)."""
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = int(rng.integers(0, size))
-        yield buffer[i]
-        buffer[i] = item
-    order = rng.permutation(len(buffer))
-    for i in order:
-        yield buffer[i]
-
-
 def sample_clip_pairs(flat: np.ndarray, offsets: np.ndarray, videos: np.ndarray,
                       rng: np.random.Generator, spec: StreamSpec) -> np.ndarray:
     """Two clips of each video in ``videos`` (shard-local indices), vectorised over the shard.
 
-    The rules of :func:`clip_pair` (independent uniform starts, optional max distance, one spatial
-    crop per video, [PAD] past the end) with all random draws made per shard in bulk.
+    Paper rules: two starts drawn independently and uniformly (optionally within
+    ``spec.max_distance`` of each other), one token-space crop per video shared by both clips,
+    [PAD] past the end of short videos; all random draws are made per shard in bulk.
     flat uint16 [F, H, W], offsets [V + 1] -> [n, 2, T, grid, grid] in :func:`item_dtype`.
     """
     n, t, g = len(videos), spec.frames, spec.grid
@@ -219,10 +173,10 @@ def item_dtype(pad_id: int) -> type:
 
 
 class ShuffleBuffer:
-    """:func:`shuffled` for arrays of items, drawing its random indices in bulk.
+    """A shuffle buffer over arrays of items, drawing its random indices in bulk.
 
-    Same semantics: the first ``size`` items fill the buffer; then every new item swaps with a
-    uniformly chosen slot, whose old item is emitted; :meth:`drain` emits the rest permuted.
+    The first ``size`` items fill the buffer; then every new item swaps with a uniformly chosen
+    slot, whose old item is emitted; :meth:`drain` emits the rest permuted.
     """
 
     def __init__(self, size: int, rng: np.random.Generator) -> None:
