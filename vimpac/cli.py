@@ -325,8 +325,6 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 def tokenize(ctx: Context, inputs: tuple[str, ...], tokenizer_dir: str, out_dir: str,
              worker_index: int | None, num_workers: int | None) -> None:
     """Tokenize videos, folders, list files or datasets (ucf101:ROOT, ...) into an archive."""
-    from vimpac.common.archive import ArchiveError
-    from vimpac.finetune.datasets import DatasetError
     from vimpac.tokenize.job import collect_inputs, run_tokenize
 
     cfg = ctx.pipeline().tokenize
@@ -335,7 +333,7 @@ def tokenize(ctx: Context, inputs: tuple[str, ...], tokenizer_dir: str, out_dir:
         with ctx.progress() as progress:
             summary = run_tokenize(found, tokenizer_dir, out_dir, cfg, worker_index=worker_index,
                                    num_workers=num_workers, progress=progress)
-    except (ArchiveError, DatasetError, ValueError) as exc:
+    except ValueError as exc:                  # e.g. a worker index out of range
         raise UsageError(str(exc)) from None
     _print_tokenize_summary(summary, out_dir)
     if summary.failures:
@@ -394,12 +392,9 @@ def archive() -> None:
 @handle_errors
 def archive_merge(archive_dir: str) -> None:
     """Write ARCHIVE/manifest.json combining every worker's manifest part."""
-    from vimpac.common.archive import ArchiveError, merge_manifests
+    from vimpac.common.archive import merge_manifests
 
-    try:
-        path = merge_manifests(archive_dir)
-    except ArchiveError as exc:
-        raise UsageError(str(exc)) from None
+    path = merge_manifests(archive_dir)
     out.print(f"merged manifest written to {path}")
 
 
@@ -416,17 +411,12 @@ def archive_merge(archive_dir: str) -> None:
 def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
              stop_after: int | None) -> None:
     """Pre-train on token archives (masked tokens + contrastive); resumable; torchrun-ready."""
-    from vimpac.common.archive import ArchiveError
-    from vimpac.common.checkpoint import CheckpointError
-    from vimpac.pretrain.train import PretrainError, run_pretrain
+    from vimpac.pretrain.train import run_pretrain
 
     cfg = ctx.pipeline().pretrain
-    try:
-        with ctx.progress() as progress:
-            result = run_pretrain(list(archives), cfg, out_dir, progress=progress,
-                                  stop_after=stop_after)
-    except (ArchiveError, CheckpointError, PretrainError) as exc:
-        raise UsageError(str(exc)) from None
+    with ctx.progress() as progress:
+        result = run_pretrain(list(archives), cfg, out_dir, progress=progress,
+                              stop_after=stop_after)
     _print_metrics(f"pretrain step {result.step}", result.last_metrics)
     if result.step >= cfg.steps:
         out.print(f"pre-trained backbone: {result.pretrained}")
@@ -447,8 +437,6 @@ def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
 def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
              stop_after: int | None) -> None:
     """Fine-tune on a labelled token archive (action recognition); resumable; torchrun-ready."""
-    from vimpac.common.archive import ArchiveError
-    from vimpac.common.checkpoint import CheckpointError
     from vimpac.finetune.train import run_finetune
 
     config = ctx.pipeline()
@@ -459,7 +447,7 @@ def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
             summary = run_finetune(archive_dir, config.finetune, out_dir, init=init,
                                    model_preset=config.pretrain.model, progress=progress,
                                    stop_after=stop_after)
-    except (ArchiveError, CheckpointError, ValueError) as exc:
+    except ValueError as exc:                  # bad settings found by the trainer / evaluator
         raise UsageError(str(exc)) from None
     _print_metrics("finetune", summary)
 
@@ -478,8 +466,6 @@ def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
 def evaluate(ctx: Context, archive_dir: str, checkpoint: str, out_dir: str,
              split_tag: str | None, probes: bool) -> None:
     """Multi-view evaluation (top-1/5, per class, confusion PNG), or k-NN/linear probes."""
-    from vimpac.common.archive import ArchiveError
-    from vimpac.common.checkpoint import CheckpointError
     from vimpac.finetune.evaluate import run_evaluate, run_probes
 
     cfg = ctx.pipeline().evaluate
@@ -490,7 +476,7 @@ def evaluate(ctx: Context, archive_dir: str, checkpoint: str, out_dir: str,
             else:
                 results = run_evaluate(archive_dir, checkpoint, cfg, out_dir,
                                        split_tag=split_tag, progress=progress)
-    except (ArchiveError, CheckpointError, ValueError) as exc:
+    except ValueError as exc:                  # bad settings found by the trainer / evaluator
         raise UsageError(str(exc)) from None
     _print_metrics("evaluate", results)
 
@@ -604,12 +590,11 @@ def gc(ctx: Context, runs_dir: str, dry_run: bool) -> None:
 @handle_errors
 def inspect(archive_dir: str, png: str, tokenizer_dir: str | None, videos: int) -> None:
     """Draw a few archived videos: source frames, VQ reconstructions, token maps."""
-    from vimpac.common.archive import ArchiveError
     from vimpac.tokenize.visualize import inspect_archive
 
     try:
         path = inspect_archive(archive_dir, png, tokenizer_dir=tokenizer_dir, videos=videos)
-    except (ArchiveError, ValueError) as exc:
+    except ValueError as exc:                  # e.g. a tokenizer that did not write the archive
         raise UsageError(str(exc)) from None
     out.print(f"wrote {path}")
 
