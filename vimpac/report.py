@@ -23,6 +23,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -86,11 +93,7 @@ def plot_curves(ctx: RunContext, out: Path) -> Path | None:
         ax.set_xlabel("update")
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "curves.png")
 
 
 def plot_comparison(ctx: RunContext, out: Path) -> Path | None:
@@ -106,11 +109,7 @@ def plot_comparison(ctx: RunContext, out: Path) -> Path | None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("fine-tuning: pre-trained vs scratch")
-    fig.tight_layout()
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "comparison.png")
 
 
 def plot_masks(ctx: RunContext, out: Path) -> Path | None:
@@ -193,13 +192,3 @@ def write_report(ctx: RunContext, out: Path) -> dict[str, Any]:
             lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"report": str(out / "report.md"), "rows": [list(r) for r in rows]}
-
-
-def comparison(rows: list[list[str]]) -> tuple[float | None, float | None]:
-    """(pre-trained top-1, scratch top-1) from a report's rows, as fractions."""
-    def pick(label: str) -> float | None:
-        for stage, figure, value in rows:
-            if stage == label and figure.startswith("top-1"):
-                return float(value.rstrip("%")) / 100
-        return None
-    return pick("fine-tuned from pre-training"), pick("from scratch")

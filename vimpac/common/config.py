@@ -502,11 +502,6 @@ def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
 
 
-def section_from_dict(cls: type, data: dict[str, Any], source: str = "checkpoint") -> Any:
-    """Rebuild a stage config saved with :func:`config_to_yaml` / asdict (checks it too)."""
-    return build_section(cls, data, cls.__name__, _Where(source, "-"))
-
-
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) of each field of a stage config (docs, ``config show``)."""
     hints = typing.get_type_hints(cls)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -540,7 +539,3 @@ def _summary(trainer: Finetuner, schedule: Schedule, data: FinetuneData,
             "classes": len(data.classes), "best_val_top1": trainer.best_top1,
             "best_step": trainer.best_step, "final_val_top1": trainer.last_top1,
             "best": str(out / "best.pt"), "final": str(out / "final.pt")}
-
-
-def read_summary(out_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
