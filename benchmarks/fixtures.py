@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +92,36 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
     write_archive(root, settings, videos(), videos_per_shard=videos_per_shard,
                   chunk_frames=chunk_frames or TokenizeConfig().chunk_frames)
     return root
+
+
+@contextlib.contextmanager
+def loopback_s3(bucket: str = "vimpac-bench") -> Iterator[str]:
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket: yields ``s3://bucket``.
+
+    Credentials and the endpoint go through the standard environment variables, as a user's
+    would; they are restored afterwards."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

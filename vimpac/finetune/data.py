@@ -27,6 +27,7 @@ zarr shards are cached per process (each DataLoader worker opens its own).
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,22 +97,38 @@ class ClipChoice:
     x: int  # token-space crop offset (columns)
 
 
+def worker_context(archive: Archive, workers: int) -> str | None:
+    """DataLoader start method: ``forkserver`` for object-store archives (fsspec's async I/O
+    does not survive a fork), the platform default otherwise."""
+    return "forkserver" if workers > 0 and not archive.root.is_local else None
+
+
 class _ShardReader:
-    """Random access to an archive's videos with one open zarr shard per name per process."""
+    """Random access to an archive's videos with one open zarr shard per name per process.
+
+    Shards of a remote archive live in memory once fetched, so at most ``REMOTE_OPEN_SHARDS``
+    are kept (least recently used first out); set ``VIMPAC_SHARD_CACHE`` to keep them on disk.
+    """
+
+    REMOTE_OPEN_SHARDS = 8
 
     def __init__(self, archive: Archive | str | Path) -> None:
         self.archive = open_archive(archive)
-        self._shards: dict[str, ZarrShard] = {}
+        self._shards: collections.OrderedDict[str, ZarrShard] = collections.OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_shards"] = {}  # zarr handles are reopened in each worker
+        state["_shards"] = collections.OrderedDict()  # zarr handles reopen in each worker
         return state
 
     def shard(self, name: str) -> ZarrShard:
-        if name not in self._shards:
-            self._shards[name] = self.archive.open_zarr_shard(name)
-        return self._shards[name]
+        if name in self._shards:
+            self._shards.move_to_end(name)
+            return self._shards[name]
+        if not self.archive.root.is_local and len(self._shards) >= self.REMOTE_OPEN_SHARDS:
+            self._shards.popitem(last=False)
+        self._shards[name] = shard = self.archive.open_zarr_shard(name)
+        return shard
 
     def read(self, entry: Entry, view: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """uint16 [t, H, W] frames ``start:stop`` of ``entry`` in ``view``."""

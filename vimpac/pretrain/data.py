@@ -10,7 +10,7 @@ Every random choice comes from a generator seeded by (seed, epoch, consumer), ne
 state, so the stream is a pure function of its position. Each consumer runs epochs forever with
 ``drop_last`` per epoch; a batch's global index k maps to DataLoader worker k % W, so resuming at
 global position K is exact (:class:`ClipStream` ``start_batch``). Memory holds one shard and the
-shuffle buffer, never the archive.
+shuffle buffer, never the archive (plus ``prefetch`` shards in flight from an object store).
 
 For speed the per-video stages run vectorised over a whole shard (:func:`sample_clip_pairs`,
 :class:`ShuffleBuffer`): one read per shard into a flat array, all random draws of the shard in
@@ -20,8 +20,11 @@ int64).
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vimpac.common.archive import Archive, ArchiveError, ChecksumError, read_wds_shard
+from vimpac.common.archive import Archive, ArchiveError, ChecksumError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class StreamSpec:
     max_distance: int = 0       # max start distance of the two clips in token frames; 0 = any
     shuffle_buffer: int = 256
     on_corrupt: str = "stop"    # stop | skip
+    prefetch: int = 2           # shards fetched ahead from remote archives (0: none)
 
 
 def open_archives(paths: list[str | Path], codebook_size: int | None = None) -> list[Archive]:
@@ -113,9 +117,8 @@ def read_shard_flat(archive: Archive, name: str, fmt: str, view: str
     video i is ``flat[offsets[i]:offsets[i + 1]]``."""
     if fmt == "zarr":
         shard = archive.open_zarr_shard(name, verify=True)
-        return np.asarray(shard.group[f"tokens/{view}"][:]), np.asarray(shard.offsets, np.int64)
-    archive.verify_once(name, "webdataset")          # checksum once per shard, not per read
-    videos = [views[view] for _, views in read_wds_shard(archive.wds_path(name))]
+        return shard.read_all(view), np.asarray(shard.offsets, np.int64)
+    videos = [views[view] for _, views in archive.read_wds(name)]
     offsets = np.zeros(len(videos) + 1, np.int64)
     np.cumsum([len(v) for v in videos], out=offsets[1:])
     if not videos:
@@ -321,14 +324,37 @@ class ClipStream(IterableDataset):
             for start in range(0, len(items) - size + 1, size):
                 yield items[start:start + size].astype(np.int64)
 
+    def _prefetched(self, shards: Iterable[ShardRef]
+                    ) -> Iterator[Callable[[], tuple[np.ndarray, np.ndarray]]]:
+        """Per shard, a call returning its (flat tokens, offsets). Shards of remote archives are
+        fetched ``spec.prefetch`` ahead in a background thread (bounded memory: that many shards
+        in flight); local ones are read when called."""
+        def read(ref: ShardRef) -> tuple[np.ndarray, np.ndarray]:
+            return read_shard_flat(self.archives[ref.archive], ref.name, self.spec.fmt, self.view)
+
+        shards = list(shards)
+        remote = any(not self.archives[ref.archive].root.is_local for ref in shards)
+        if not remote or self.spec.prefetch <= 0:
+            for ref in shards:
+                yield functools.partial(read, ref)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="vimpac-prefetch") as pool:
+            pending: collections.deque = collections.deque()
+            for ref in shards:
+                pending.append(pool.submit(read, ref))
+                if len(pending) > self.spec.prefetch:
+                    yield pending.popleft().result
+            while pending:
+                yield pending.popleft().result
+
     def _pair_blocks(self, epoch: int, consumer: int, consumers: int,
                      rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Per shard of this consumer's epoch: its videos' clip pairs [n, 2, T, G, G]."""
-        for shard, mod, rem in epoch_assignment(self.shards, self.spec.seed, epoch, consumer,
-                                                consumers):
+        work = epoch_assignment(self.shards, self.spec.seed, epoch, consumer, consumers)
+        reads = self._prefetched(ref for ref, _, _ in work)
+        for (_, mod, rem), read in zip(work, reads, strict=True):
             try:
-                flat, offsets = read_shard_flat(self.archives[shard.archive], shard.name,
-                                                self.spec.fmt, self.view)
+                flat, offsets = read()
             except ChecksumError as exc:
                 if self.spec.on_corrupt == "stop":
                     raise

@@ -27,7 +27,6 @@ from vimpac.common.archive import (
     ShardWriter,
     VideoRecord,
     View,
-    atomic_write_bytes,
     load_part,
     make_views,
     remove_orphans,
@@ -36,6 +35,7 @@ from vimpac.common.archive import (
 )
 from vimpac.common.config import TokenizeConfig, config_to_yaml
 from vimpac.common.progress import NULL_PROGRESS, Progress
+from vimpac.common.storage import location
 from vimpac.common.video import DecodeSpec
 from vimpac.tokenize.decode_pool import DecodePool
 
@@ -266,7 +266,7 @@ class TokenizeJob:
 
         if not 0 <= worker_index < num_workers:
             raise ValueError(f"worker index {worker_index} is outside 0..{num_workers - 1}")
-        self.inputs, self.out, self.cfg = inputs, Path(out), cfg
+        self.inputs, self.out, self.cfg = inputs, location(out), cfg
         self.worker_index, self.num_workers, self.progress = worker_index, num_workers, progress
         self.device = resolve_device(cfg.device)
         self.model = load_tokenizer(tokenizer_dir, device=self.device)
@@ -282,12 +282,13 @@ class TokenizeJob:
         self.summary = JobSummary()
 
     def _open_part(self) -> ManifestPart:
-        path = self.out / "manifests" / (ManifestPart(self.settings, self.worker_index,
-                                                      self.num_workers).filename)
-        if not path.exists():
+        rel = "manifests/" + ManifestPart(self.settings, self.worker_index,
+                                          self.num_workers).filename
+        path = self.out.url(rel)
+        if not self.out.exists(rel):
             self._check_other_workers()
             return ManifestPart(self.settings, self.worker_index, self.num_workers)
-        part = load_part(path)
+        part = load_part(rel, self.out)
         if part.settings.compatible_key() != self.settings.compatible_key():
             theirs, ours = part.settings.compatible_key(), self.settings.compatible_key()
             diff = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours
@@ -302,11 +303,13 @@ class TokenizeJob:
         return part
 
     def _check_other_workers(self) -> None:
-        folder = self.out / "manifests"
-        for other in sorted(folder.glob("worker-*.json")) if folder.is_dir() else []:
-            part = load_part(other)
+        for name in self.out.list("manifests"):
+            if not (name.startswith("worker-") and name.endswith(".json")):
+                continue
+            part = load_part(f"manifests/{name}", self.out)
             if part.num_workers != self.num_workers:
-                raise ArchiveError(f"{other}: archive was written by {part.num_workers} workers; "
+                raise ArchiveError(f"{self.out.url('manifests/' + name)}: archive was written "
+                                   f"by {part.num_workers} workers; "
                                    f"rerun with --num-workers {part.num_workers} or use a new "
                                    "--out folder")
 
@@ -361,8 +364,7 @@ class TokenizeJob:
         text = config_to_yaml({"tokenize": self.cfg.__dict__, "worker": self.worker_index,
                                "num_workers": self.num_workers,
                                "tokenizer_fingerprint": self.settings.tokenizer_fingerprint})
-        atomic_write_bytes(self.out / "config" / f"tokenize-w{self.worker_index:05d}.yaml",
-                           text.encode())
+        self.out.write_bytes(f"config/tokenize-w{self.worker_index:05d}.yaml", text.encode())
 
     def _tokenize(self, todo: list[InputVideo]) -> None:
         """Decode in the pool, encode here in batches of ``batch_frames``, write in order.
