@@ -1,4 +1,7 @@
-"""The command line: every subcommand listed with a purpose; doctor reports the environment."""
+"""The command line: every subcommand listed with a purpose; doctor reports the environment;
+a bug exits 3 with its traceback."""
+
+import pytest
 
 from vimpac.cli import cli
 
@@ -28,3 +31,17 @@ def test_stage_errors_inside_run_are_one_line(cli_runner, tmp_path, monkeypatch)
     result = cli_runner.invoke(cli, ["-q", "run", "demo", "--runs", str(tmp_path)])
     assert result.exit_code == 2
     assert "too few videos" in result.output and "Traceback" not in result.output
+
+
+def test_internal_error_exits_3_with_traceback(monkeypatch, capsys):
+    import vimpac.cli as cli_mod
+
+    def broken(**kwargs):
+        raise RuntimeError("an invariant broke")
+
+    monkeypatch.setattr(cli_mod, "cli", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_mod.main()
+    assert exit_info.value.code == cli_mod.EXIT_INTERNAL == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: an invariant broke" in err

@@ -33,7 +33,7 @@ from vimpac.common.config import ConfigError, PipelineConfig, load_pipeline
 
 console = Console(stderr=True)
 out = Console()
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------- progress bars
@@ -634,3 +634,11 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
         sys.exit(130)
+    except Exception:                           # not a user error: a bug, with its traceback
+        import traceback
+
+        traceback.print_exc()
+        console.print("[red]internal error[/red]: this is a bug in vimpac, not a problem with "
+                      "your inputs; committed work is intact and rerunning resumes. Please "
+                      "report it with the traceback above.", highlight=False)
+        sys.exit(EXIT_INTERNAL)
