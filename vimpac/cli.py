@@ -107,7 +107,8 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", force=True,
                         handlers=[RichHandler(console=console, show_path=verbosity > 0,
                                               rich_tracebacks=False)])
-    for noisy in ("numcodecs", "zarr", "asyncio", "matplotlib", "PIL"):
+    for noisy in ("numcodecs", "zarr", "asyncio", "matplotlib", "PIL", "botocore", "aiobotocore",
+                  "s3fs", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
