@@ -15,7 +15,9 @@ from conftest import make_test_video
 
 from vimpac.common.archive import Archive, read_tokens, read_wds_shard, verify
 from vimpac.common.config import TokenizeConfig
-from vimpac.tokenize.job import collect_inputs, run_tokenize, worker_of
+from vimpac.common.video import decode_video
+from vimpac.tokenize.job import collect_inputs, decode_specs, run_tokenize, worker_of
+from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
 
 CFG = dict(fps=4.0, shorter_side=32, size=32, decode_workers=0, videos_per_shard=2,
            chunk_frames=4, batch_frames=32)
@@ -86,6 +88,23 @@ def test_views_and_flip(corpus, tiny_tokenizer, tmp_path):
     shard = archive.open_zarr_shard(archive.entries[0].shard)
     views = {v: shard.read(0, v) for v in archive.settings.view_names}
     assert len({v.tobytes() for v in views.values()}) == 8     # every view differs
+
+
+def test_multi_view_tokens_equal_each_view_decoded_alone(corpus, tiny_tokenizer, tmp_path):
+    # the job decodes all views of a video in one ffmpeg run (decode threads on)
+    views = dict(crops=["top", "center", "bottom"], hflip=True, scales=[1.0, 1.5],
+                 decode_workers=2)
+    videos = {"c": corpus / "c.avi", "b": corpus / "sub" / "b.webm", "d": corpus / "d.mp4"}
+    tokenize(videos.values(), tiny_tokenizer, tmp_path / "arch", **views)
+    archive = Archive(tmp_path / "arch")
+    specs = decode_specs(TokenizeConfig(**{**CFG, **views}), archive.settings.views)
+    model = load_tokenizer(tiny_tokenizer)
+    assert len(specs) == 12 and {e.key for e in archive.entries} == set(videos)
+    for entry in archive.entries:
+        shard = archive.open_zarr_shard(entry.shard)
+        for name, spec in zip(archive.settings.view_names, specs, strict=True):
+            alone = encode_frames(model, decode_video(videos[entry.key], spec), batch_size=32)
+            np.testing.assert_array_equal(shard.read(entry.index, name), alone)
 
 
 def test_two_workers_read_as_one(corpus, tiny_tokenizer, tmp_path):
@@ -181,3 +200,19 @@ def test_kill9_then_resume_is_bitwise_identical(corpus, tiny_tokenizer, tmp_path
         assert {n: s.files for n, s in got.shards.items()} == \
             {n: s.files for n, s in ref.shards.items()}    # same bytes, shard by shard
         assert verify(out).ok
+
+
+def test_rerun_removes_its_own_stale_temporary_files(corpus, tiny_tokenizer, tmp_path):
+    """A run killed mid-write leaves `.name.random.tmp` files; the next run of the same worker
+    removes its own (shards, manifest, config) and leaves other workers' alone."""
+    out = tmp_path / "arch"
+    mine = ["zarr/.shard-w00000-000003.ab12.tmp", "wds/.shard-w00000-000001.tar.x1.tmp",
+            "manifests/.worker-00000-of-00002.json.k3.tmp", "config/.tokenize-w00000.yaml.q.tmp"]
+    theirs = ["wds/.shard-w00001-000000.tar.z9.tmp", "config/.tokenize-w00001.yaml.r.tmp"]
+    for rel in mine + theirs:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"half written")
+    run_tokenize([str(corpus / "a.mp4")], tiny_tokenizer, out, TokenizeConfig(**CFG),
+                 worker_index=0, num_workers=2)
+    assert [rel for rel in mine if (out / rel).exists()] == []
+    assert [rel for rel in theirs if (out / rel).exists()] == theirs

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import pickle
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -269,6 +270,45 @@ def test_chunks_concatenate_to_decode_video(vids: dict[str, Path]) -> None:
         decode_frames(vids["av"], spec, chunk_frames=0)
 
 
+@pytest.mark.parametrize("key,fps", [("noise", None), ("rot90", 2.0), ("vfr", 4.0),
+                                     ("one_late", 4.0), ("odd", 3.0)])
+def test_views_in_one_run_equal_each_view_alone(vids: dict[str, Path], key: str,
+                                                fps: float | None) -> None:
+    # crops, flips and scales; rotation, VFR, the one-frame fallback and odd sizes
+    specs = [DecodeSpec(fps=fps, shorter_side=s, size=24, crop=c, hflip=h)
+             for s, c, h in [(24, "center", False), (24, "top", True), (30, "bottom", False),
+                             (37, "center", True)]]
+    chunks = list(video.decode_views(vids[key], specs, chunk_frames=3))
+    together = np.concatenate(chunks)
+    assert together.shape[1:] == (4, 24, 24, 3) and all(len(c) <= 3 for c in chunks)
+    for v, spec in enumerate(specs):
+        np.testing.assert_array_equal(together[:, v], decode_video(vids[key], spec))
+
+
+def test_views_decode_the_source_once(vids: dict[str, Path], spawned: list[subprocess.Popen],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    probes: list[str] = []
+    real_probe = video._run_probe
+    monkeypatch.setattr(video, "_run_probe", lambda *a: probes.append(a[0]) or real_probe(*a))
+    specs = [DecodeSpec(fps=2.0, shorter_side=s, size=32, crop=c)
+             for s in (32, 40) for c in ("top", "center", "bottom")]
+    frames = np.concatenate(list(video.decode_views(vids["av"], specs)))
+    assert frames.shape == (4, 6, 32, 32, 3)
+    assert len(spawned) == 1 and probes == []        # one ffmpeg, no probe for a good file
+    with pytest.raises(VideoError, match="audio only"):  # a failure is explained by a probe
+        list(video.decode_views(vids["audio"], specs))
+    assert len(probes) == 1
+
+
+def test_views_must_share_fps_and_size(vids: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="share fps and size"):
+        video.decode_views(vids["av"], [DecodeSpec(size=32), DecodeSpec(size=16)])
+    with pytest.raises(ValueError, match="share fps and size"):
+        video.decode_views(vids["av"], [DecodeSpec(fps=2.0), DecodeSpec(fps=4.0)])
+    with pytest.raises(ValueError, match="at least one"):
+        video.decode_views(vids["av"], [])
+
+
 def test_threads_option_gives_the_same_frames(vids: dict[str, Path]) -> None:
     spec = DecodeSpec(fps=4.0, shorter_side=40, size=32)
     np.testing.assert_array_equal(decode_video(vids["av"], spec, threads=1),
@@ -365,6 +405,22 @@ def test_consumer_time_is_not_charged(vids: dict[str, Path]) -> None:
         n += len(chunk)
         time.sleep(0.6)
     assert n == 8
+
+
+def test_cancel_stops_a_hung_ffmpeg(vids: dict[str, Path], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    spawned: list[subprocess.Popen]) -> None:
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(VideoError, match="cancelled"):
+        list(decode_frames(vids["av"], DecodeSpec(), cancel=cancel))
+    assert time.monotonic() - t0 < 5
+    assert spawned and all(p.returncode is not None for p in spawned)
 
 
 # ----------------------------------------------------------------------------- hostile input

@@ -433,9 +433,22 @@ def remove_orphans(root: str | Path | Location, part: ManifestPart) -> list[str]
     removed = []
     for sub, suffix in (("zarr", ".zarr"), ("wds", ".tar")):
         for name in root.list(sub):
-            stale_tmp = name.startswith(f".{prefix}") and name.endswith(".tmp")
-            orphan = name.startswith(prefix) and name.removesuffix(suffix) not in known
-            if stale_tmp or orphan:
+            if name.startswith(prefix) and name.removesuffix(suffix) not in known:
+                root.remove(f"{sub}/{name}")
+                removed.append(root.url(f"{sub}/{name}"))
+    return removed
+
+
+def remove_stale_temps(root: str | Path | Location, worker: int) -> list[str]:
+    """Delete temporary files a killed run of tokenize worker ``worker`` left (shards being
+    built, manifest and config rewrites): ``.<name>.<random>.tmp`` in the archive's folders."""
+    root = location(root)
+    mine = (f".{shard_name(worker, 0)[:-6]}", f".worker-{worker:05d}-of-",
+            f".tokenize-w{worker:05d}.")
+    removed = []
+    for sub in ("zarr", "wds", "manifests", "config"):
+        for name in root.list(sub):
+            if name.endswith(".tmp") and name.startswith(mine):
                 root.remove(f"{sub}/{name}")
                 removed.append(root.url(f"{sub}/{name}"))
     return removed

@@ -95,7 +95,8 @@ class TokenizeConfig:
     chunk_frames: int = param(256, "token frames per zarr inner chunk (each chunk costs "
                                    "~0.3 ms to read: keep them large)", ge=1)
     zstd_level: int = param(3, "zstd compression level", ge=1, le=22)
-    decode_workers: int = param(2, "decoding worker processes", ge=0, le=256)
+    decode_workers: int = param(2, "concurrent ffmpeg decodes, each driven by a thread "
+                                   "(0: decode inline)", ge=0, le=256)
     batch_frames: int = param(256, "frames per encoder batch", ge=1)
     decode_timeout_s: float = param(600.0, "per-video decode time limit in seconds", gt=0)
     device: str = param("auto", "encoder device: auto, cpu, cuda, cuda:N")

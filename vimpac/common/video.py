@@ -11,7 +11,10 @@ Deliberate differences from the original:
 
 * No ffprobe: :func:`probe` parses the banner that ``ffmpeg -i`` prints (the bundled static
   ffmpeg has no ffprobe). Scale and crop are ffmpeg expressions on the *displayed* frame (after
-  autorotation, sample aspect ratio applied), so the graph never needs the probed size.
+  autorotation, sample aspect ratio applied), so the graph never needs the probed size, and
+  decoding runs without a probe: a file is probed only when ffmpeg fails on it, to name why.
+* Several views of one video (crops, flips, scales: :func:`decode_views`) come from one ffmpeg
+  run: the source is decoded once and split after the ``fps`` filter.
 * One-frame or very short videos for which the ``fps`` filter emits nothing still give one frame
   (the first source frame).
 * The input is treated as hostile (this runs over millions of uncurated files):
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -36,7 +40,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import ffmpeg
@@ -62,6 +66,7 @@ _TEXT_PREFIXES = (b"#extm3u", b"ffconcat", b"file ", b"file:", b"#", b"<", b"[pl
                   b"https:")
 _GLOBAL_ARGS = ("-hide_banner", "-nostdin", "-nostats", "-v", "error")
 _STDERR_LINES = 40  # last lines of ffmpeg's stderr kept for error messages
+_PIPE_BYTES = 1 << 20  # ffmpeg's stdout pipe buffer (Linux default 64 KiB, about one frame)
 
 
 @dataclass(frozen=True)
@@ -340,48 +345,92 @@ def _check_decodable(path: str, info: VideoInfo) -> None:
 
 
 def decode_frames(path: str | os.PathLike, spec: DecodeSpec, *, chunk_frames: int = 64,
-                  timeout_s: float = 600.0, threads: int | None = None) -> Iterator[np.ndarray]:
+                  timeout_s: float = 600.0, threads: int | None = None,
+                  cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
     """Decode a whole video sequentially through one ffmpeg process, in chunks.
 
-    Checks and probes the file right away (refusals raise here), then returns an iterator of
-    uint8 RGB arrays ``[n, spec.size, spec.size, 3]`` with ``1 <= n <= chunk_frames``; the whole
-    video is never held in memory and ffmpeg starts on the first ``next()``. ``timeout_s`` bounds
-    the time spent waiting for ffmpeg (probe included); time the consumer spends between chunks is
-    not counted. ``threads`` sets ffmpeg's decoder and filter threads (None: ffmpeg's default,
-    about one per core). Closing the iterator early kills and reaps ffmpeg.
+    Checks the file right away (:func:`check_input` refusals raise here), then returns an iterator
+    of uint8 RGB arrays ``[n, spec.size, spec.size, 3]`` with ``1 <= n <= chunk_frames``; the
+    whole video is never held in memory and ffmpeg starts on the first ``next()``. There is no
+    probe before decoding: only when ffmpeg fails before its first frame is the file probed, to
+    name the reason (no video stream, frame too large, ...). ``timeout_s`` bounds the time spent
+    waiting for ffmpeg; time the consumer spends between chunks is not counted. ``threads`` sets
+    ffmpeg's decoder and filter threads (None: ffmpeg's default, about one per core). Closing the
+    iterator early kills and reaps ffmpeg; so does setting ``cancel`` (then VideoError).
     Raises:
         VideoError: refused, unreadable or broken input, no video stream, no frames, or timeout.
     """
+    views = decode_views(path, [spec], chunk_frames=chunk_frames, timeout_s=timeout_s,
+                         threads=threads, cancel=cancel)
+    return _only_view(views)
+
+
+def _only_view(views: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``[n, 1, S, S, 3]`` chunks as ``[n, S, S, 3]``; closing this closes ``views``."""
+    with contextlib.closing(views):
+        for chunk in views:
+            yield chunk[:, 0]
+
+
+def decode_views(path: str | os.PathLike, specs: Sequence[DecodeSpec], *, chunk_frames: int = 64,
+                 timeout_s: float = 600.0, threads: int | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+    """Decode several views of a video (crops, flips, scales) in one ffmpeg run.
+
+    The source is decoded once; after the ``fps`` filter a ``split`` sends every frame through
+    each view's scale / crop / flip chain, and ``vstack`` puts the views of one frame into one
+    rawvideo frame. Each view's frames are identical to :func:`decode_frames` with that spec.
+    All specs must share ``fps`` and ``size``. Yields uint8 arrays ``[n, V, size, size, 3]``
+    (V = ``len(specs)``, 1 <= n <= chunk_frames); otherwise as :func:`decode_frames`.
+    Raises:
+        ValueError: no specs, specs with different fps or size, or chunk_frames < 1.
+        VideoError: as :func:`decode_frames`.
+    """
+    specs = list(specs)
+    if not specs:
+        raise ValueError("decode_views needs at least one DecodeSpec")
+    if len({(s.fps, s.size) for s in specs}) > 1:
+        raise ValueError(f"decode_views: all specs must share fps and size, got "
+                         f"{sorted({(s.fps, s.size) for s in specs}, key=str)}")
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     path = os.fspath(path)
-    budget = _Budget(path, timeout_s)
-    t0 = time.monotonic()
-    info = _probe(path, budget.remaining(), budget.error())
-    budget.spend(time.monotonic() - t0)
-    _check_decodable(path, info)
-    return _decode_chunks(path, spec, chunk_frames, budget, threads)
+    check_input(path)
+    return _decode_chunks(path, specs, chunk_frames, _Budget(path, timeout_s, cancel), threads)
 
 
-def _decode_chunks(path: str, spec: DecodeSpec, chunk_frames: int, budget: _Budget,
+def _decode_chunks(path: str, specs: list[DecodeSpec], chunk_frames: int, budget: _Budget,
                    threads: int | None) -> Iterator[np.ndarray]:
-    """The chunks of :func:`decode_frames`, with the one-frame fallback for very short videos."""
-    cmd = _decode_cmd(path, spec, use_fps=True, max_frames=None, threads=threads)
+    """The chunks of :func:`decode_views`, with the one-frame fallback for very short videos."""
+    cmd = _decode_cmd(path, specs, use_fps=True, max_frames=None, threads=threads)
     n = 0
-    with contextlib.closing(_stream_frames(path, cmd, spec, chunk_frames, budget)) as chunks:
-        for chunk in chunks:
-            n += len(chunk)
-            yield chunk
-    if n == 0 and spec.fps is not None:
+    try:
+        with contextlib.closing(_stream_frames(path, cmd, specs, chunk_frames, budget)) as chunks:
+            for chunk in chunks:
+                n += len(chunk)
+                yield chunk
+    except _FfmpegFailed as exc:
+        _explain_failure(path, budget)   # a probe names the cause when it can; else ffmpeg's
+        raise VideoError(path, exc.reason) from None
+    if n == 0 and specs[0].fps is not None:
         # The fps filter emits nothing for a source shorter than one output period: keep frame 0.
-        logger.debug("%s: fps=%g gave no frame, taking the first source frame", path, spec.fps)
-        cmd = _decode_cmd(path, spec, use_fps=False, max_frames=1, threads=threads)
-        with contextlib.closing(_stream_frames(path, cmd, spec, 1, budget)) as chunks:
+        logger.debug("%s: fps=%g gave no frame, taking the first source frame", path,
+                     specs[0].fps)
+        cmd = _decode_cmd(path, specs, use_fps=False, max_frames=1, threads=threads)
+        with contextlib.closing(_stream_frames(path, cmd, specs, 1, budget)) as chunks:
             for chunk in chunks:
                 n += len(chunk)
                 yield chunk
     if n == 0:
         raise VideoError(path, "no frames decoded")
+
+
+def _explain_failure(path: str, budget: _Budget) -> None:
+    """After ffmpeg failed before its first frame: raise the probe's reason if it has one."""
+    t0 = time.monotonic()
+    info = _probe(path, budget.remaining(), budget.error())
+    budget.spend(time.monotonic() - t0)
+    _check_decodable(path, info)
 
 
 def decode_video(path: str | os.PathLike, spec: DecodeSpec, *, timeout_s: float = 600.0,
@@ -429,22 +478,24 @@ def _fps_arg(fps: float) -> str:
     return f"{fps:.10g}"
 
 
-def _decode_cmd(path: str, spec: DecodeSpec, *, use_fps: bool, max_frames: int | None,
-                threads: int | None) -> list[str]:
-    """ffmpeg command line: the paper's filter chain, raw rgb24 frames on stdout."""
+
+def _decode_cmd(path: str, specs: DecodeSpec | Sequence[DecodeSpec], *, use_fps: bool,
+                max_frames: int | None, threads: int | None) -> list[str]:
+    """ffmpeg command line: the paper's filter chain per view, raw rgb24 frames on stdout.
+
+    One spec gives frames ``[size, size, 3]``; several (same fps and size) are split after the
+    fps filter and stacked top to bottom, one output frame ``[V * size, size, 3]`` per frame.
+    """
+    specs = [specs] if isinstance(specs, DecodeSpec) else list(specs)
     stream = _safe_input(path, threads=threads)["V:0"]  # first video stream that is not cover art
-    if use_fps and spec.fps is not None:
-        stream = stream.filter("fps", fps=_fps_arg(spec.fps))
-    s, out, k = spec.shorter_side, spec.size, CROP_POSITIONS[spec.crop]
-    # iw*sar is the displayed width (autorotation has already happened before the graph); trunc
-    # keeps the paper's int(long * S / short). Odd sizes are fine: rgb24 has no chroma alignment.
-    portrait = "lte(iw*sar,ih)"
-    stream = stream.filter("scale", w=f"if({portrait},{s},trunc(iw*sar*{s}/ih))",
-                           h=f"if({portrait},trunc(ih*{s}/(iw*sar)),{s})", flags="bicubic")
-    stream = stream.filter("setsar", "1").filter("format", "rgb24")  # crop exactly in RGB
-    stream = stream.crop(f"trunc({k}*(iw-{out})/2)", f"trunc({k}*(ih-{out})/2)", out, out)
-    if spec.hflip:
-        stream = stream.hflip()
+    if use_fps and specs[0].fps is not None:
+        stream = stream.filter("fps", fps=_fps_arg(specs[0].fps))
+    if len(specs) == 1:
+        stream = _view_chain(stream, specs[0])
+    else:
+        branches = stream.filter_multi_output("split", len(specs))
+        views = [_view_chain(branches.stream(i), spec) for i, spec in enumerate(specs)]
+        stream = ffmpeg.filter(views, "vstack", inputs=len(specs))
     out_kwargs: dict[str, object] = {"format": "rawvideo", "pix_fmt": "rgb24",
                                      "fps_mode": "passthrough"}
     if max_frames is not None:
@@ -455,11 +506,28 @@ def _decode_cmd(path: str, spec: DecodeSpec, *, use_fps: bool, max_frames: int |
     return node.compile(cmd=ffmpeg_exe())
 
 
+def _view_chain(stream: ffmpeg.nodes.FilterableStream,
+                spec: DecodeSpec) -> ffmpeg.nodes.FilterableStream:
+    """Scale (shorter side), crop and flip of one view, in RGB."""
+    s, out, k = spec.shorter_side, spec.size, CROP_POSITIONS[spec.crop]
+    # iw*sar is the displayed width (autorotation has already happened before the graph); trunc
+    # keeps the paper's int(long * S / short). Odd sizes are fine: rgb24 has no chroma alignment.
+    portrait = "lte(iw*sar,ih)"
+    stream = stream.filter("scale", w=f"if({portrait},{s},trunc(iw*sar*{s}/ih))",
+                           h=f"if({portrait},trunc(ih*{s}/(iw*sar)),{s})", flags="bicubic")
+    stream = stream.filter("setsar", "1").filter("format", "rgb24")  # crop exactly in RGB
+    stream = stream.crop(f"trunc({k}*(iw-{out})/2)", f"trunc({k}*(ih-{out})/2)", out, out)
+    return stream.hflip() if spec.hflip else stream
+
+
+_CANCEL_POLL_S = 0.25  # how often a wait on ffmpeg checks the cancel event
+
+
 class _Budget:
     """Seconds left of one file's time limit; only time spent waiting on ffmpeg is spent."""
 
-    def __init__(self, path: str, seconds: float) -> None:
-        self.path, self.seconds, self.left = path, seconds, seconds
+    def __init__(self, path: str, seconds: float, cancel: threading.Event | None = None) -> None:
+        self.path, self.seconds, self.left, self.cancel = path, seconds, seconds, cancel
 
     def remaining(self) -> float:
         return max(self.left, 0.0)
@@ -469,6 +537,19 @@ class _Budget:
 
     def error(self) -> VideoError:
         return VideoError(self.path, f"decode timed out after {self.seconds:g}s")
+
+    def poll_ms(self) -> int:
+        """Milliseconds of the next wait on ffmpeg (short slices when it can be cancelled)."""
+        wait = self.remaining() if self.cancel is None else min(self.remaining(), _CANCEL_POLL_S)
+        return math.ceil(wait * 1000)
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise VideoError(self.path, "decode cancelled")
+
+
+class _FfmpegFailed(VideoError):
+    """ffmpeg exited with an error before its first frame (decode_views then asks a probe why)."""
 
 
 class _StderrTail:
@@ -492,8 +573,12 @@ class _StderrTail:
 def _spawn(cmd: list[str]) -> subprocess.Popen:
     """Start ffmpeg with stdout (unbuffered) and stderr piped and no stdin."""
     logger.debug("running %s", subprocess.list2cmdline(cmd))
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, bufsize=0)
+    if hasattr(fcntl, "F_SETPIPE_SZ"):     # Linux: let ffmpeg run ahead of a busy reader
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    return proc
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -506,20 +591,20 @@ def _stop(proc: subprocess.Popen) -> None:
             pipe.close()
 
 
-def _stream_frames(path: str, cmd: list[str], spec: DecodeSpec, chunk_frames: int,
+def _stream_frames(path: str, cmd: list[str], specs: list[DecodeSpec], chunk_frames: int,
                    budget: _Budget) -> Iterator[np.ndarray]:
-    """Run ``cmd`` and yield its rawvideo output as ``[n, size, size, 3]`` uint8 chunks."""
+    """Run ``cmd`` and yield its rawvideo output as ``[n, V, size, size, 3]`` uint8 chunks."""
+    shape = (len(specs), specs[0].size, specs[0].size, 3)
+    frame_bytes, total = math.prod(shape), 0
     proc = _spawn(cmd)
     tail = _StderrTail(proc.stderr)
-    frame_bytes, total = spec.frame_bytes, 0
     try:
         while True:
-            buf = bytearray(chunk_frames * frame_bytes)
-            filled = _read_into(proc, buf, budget)
+            buf = np.empty(chunk_frames * frame_bytes, np.uint8)  # filled by readinto, no zeroing
+            filled = _read_into(proc, memoryview(buf), budget)
             n = filled // frame_bytes
             if n:
-                frames = np.frombuffer(buf, np.uint8, count=n * frame_bytes)
-                frames = frames.reshape(n, spec.size, spec.size, 3)
+                frames = buf[:n * frame_bytes].reshape(n, *shape)
                 total += n
                 yield frames if n == chunk_frames else frames.copy()  # free the unused tail
             if filled < len(buf):
@@ -529,7 +614,7 @@ def _stream_frames(path: str, cmd: list[str], spec: DecodeSpec, chunk_frames: in
         if rc != 0:
             reason = _ffmpeg_reason(lines, f"ffmpeg failed (exit {rc})")
             if total == 0:
-                raise VideoError(path, reason)
+                raise _FfmpegFailed(path, reason)
             logger.warning("%s: ffmpeg exited %d after %d frames (kept them): %s", path, rc,
                            total, reason)
         elif filled % frame_bytes:
@@ -539,16 +624,19 @@ def _stream_frames(path: str, cmd: list[str], spec: DecodeSpec, chunk_frames: in
         tail.join()
 
 
-def _read_into(proc: subprocess.Popen, buf: bytearray, budget: _Budget) -> int:
-    """Fill ``buf`` from ffmpeg's stdout; returns the bytes read (< len(buf) only at EOF)."""
-    view, filled = memoryview(buf), 0
+def _read_into(proc: subprocess.Popen, view: memoryview, budget: _Budget) -> int:
+    """Fill ``view`` from ffmpeg's stdout; returns the bytes read (< len(view) only at EOF)."""
+    filled = 0
     poller = select.poll()
     poller.register(proc.stdout.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
-    while filled < len(buf):
+    while filled < len(view):
         t0 = time.monotonic()
-        ready = poller.poll(math.ceil(budget.remaining() * 1000))
+        ready = poller.poll(budget.poll_ms())
         budget.spend(time.monotonic() - t0)
+        budget.check_cancel()
         if not ready:
+            if budget.remaining() > 0:
+                continue                         # a cancel-check slice ended, time is left
             raise budget.error()
         got = proc.stdout.readinto(view[filled:])
         if not got:

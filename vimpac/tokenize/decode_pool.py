@@ -1,39 +1,46 @@
-"""Decoding worker processes for the tokenize job.
+"""Decoding for the tokenize job: a few threads, each driving one ffmpeg process at a time.
 
-Each worker takes ``(index, path, specs)`` tasks, decodes every view of the video sequentially with
-ffmpeg and sends the frames back in chunks, so a long video never sits whole in memory and the
-parent can encode one video while the workers decode the next ones. This module imports no torch:
-the workers stay light.
+Each task ``(index, path, specs)`` decodes every view of one video in a single ffmpeg run
+(:func:`vimpac.common.video.decode_views`: the source is decoded once, the views are split
+after the fps filter) and sends the frames back in chunks, so a long video never sits whole in
+memory and the caller can encode one video while ffmpeg decodes the next ones.
 
-Messages on the result queue::
+ffmpeg does the decoding in its own process; the threads only wait on its pipe (the GIL is
+released while they do), so a worker costs no interpreter start-up and the frames reach the
+caller without being pickled or copied between processes. If the job's process dies (kill -9),
+each ffmpeg fails its next write on the closed pipe and exits.
 
-    ("frames", index, view_position, uint8 [n, S, S, 3])
+Messages from :meth:`DecodePool.get`::
+
+    ("frames", index, None, uint8 [n, V, S, S, 3])   # V views, in the order of ``specs``
     ("done", index, None, None)
     ("failed", index, None, reason)
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
 
-from vimpac.common.video import DecodeSpec, VideoError, check_input, decode_frames
+from vimpac.common.video import DecodeSpec, VideoError, decode_views
 
 Task = tuple[int, str, list[DecodeSpec]]
 Message = tuple[str, int, Any, Any]
 
+_PUT_POLL_S = 0.5  # how often a worker blocked on a full result queue checks for close()
 
-def decode_task(task: Task, chunk_frames: int, timeout_s: float) -> Iterator[Message]:
+
+def decode_task(task: Task, chunk_frames: int, timeout_s: float,
+                cancel: threading.Event | None = None) -> Iterator[Message]:
     """Decode every view of one video; yield the messages a worker sends for it."""
     index, path, specs = task
     try:
-        check_input(path)
-        for position, spec in enumerate(specs):
-            for chunk in decode_frames(path, spec, chunk_frames=chunk_frames, timeout_s=timeout_s):
-                yield ("frames", index, position, chunk)
+        for chunk in decode_views(path, specs, chunk_frames=chunk_frames, timeout_s=timeout_s,
+                                  cancel=cancel):
+            yield ("frames", index, None, chunk)
     except VideoError as exc:
         yield ("failed", index, None, exc.reason)
         return
@@ -43,48 +50,11 @@ def decode_task(task: Task, chunk_frames: int, timeout_s: float) -> Iterator[Mes
     yield ("done", index, None, None)
 
 
-def _parent_gone() -> bool:
-    parent = mp.parent_process()
-    return parent is not None and not parent.is_alive()
-
-
-def _put(results: Any, message: Message) -> bool:
-    """Send a message; False when the parent died (kill -9) while the queue was full."""
-    while True:
-        try:
-            results.put(message, timeout=1.0)
-            return True
-        except queue.Full:
-            if _parent_gone():
-                return False
-
-
-def _worker(tasks: Any, results: Any, chunk_frames: int, timeout_s: float) -> None:
-    """Decode tasks until told to stop, or until the parent process is gone."""
-    while True:
-        try:
-            task = tasks.get(timeout=1.0)
-        except queue.Empty:
-            if _parent_gone():
-                results.cancel_join_thread()     # nobody reads the pipe: exit without flushing
-                return
-            continue
-        if task is None:
-            return
-        try:
-            for message in decode_task(task, chunk_frames, timeout_s):
-                if not _put(results, message):
-                    results.cancel_join_thread()
-                    return
-        except BaseException:  # pragma: no cover - last resort, keeps the parent informed
-            _put(results, ("failed", task[0], None, traceback.format_exc(limit=1)))
-
-
 class DecodePool:
-    """A fixed set of decoding processes fed through a task queue.
+    """A fixed set of decoding threads fed through a task queue (``workers`` concurrent ffmpegs).
 
-    With ``workers=0`` decoding runs inline in the calling process (simple and deterministic,
-    used by tests and small jobs).
+    With ``workers=0`` decoding runs inline in :meth:`get` (simple and deterministic, used by
+    tests and small jobs). At most ``max_queued_chunks`` chunks wait in the result queue.
     """
 
     def __init__(self, workers: int, chunk_frames: int = 64, timeout_s: float = 600.0,
@@ -92,15 +62,35 @@ class DecodePool:
         self.workers, self.chunk_frames, self.timeout_s = workers, chunk_frames, timeout_s
         self._inline: list[Task] = []
         self._inline_iter: Iterator[Message] | None = None
-        if workers > 0:
-            ctx = mp.get_context("spawn")
-            self.tasks = ctx.Queue()
-            self.results = ctx.Queue(maxsize=max_queued_chunks)
-            self.procs = [ctx.Process(target=_worker, daemon=True,
-                                      args=(self.tasks, self.results, chunk_frames, timeout_s))
-                          for _ in range(workers)]
-            for proc in self.procs:
-                proc.start()
+        self.tasks: queue.Queue[Task | None] = queue.Queue()
+        self.results: queue.Queue[Message] = queue.Queue(maxsize=max_queued_chunks)
+        self._closing = threading.Event()
+        self.threads = [threading.Thread(target=self._work, name=f"vimpac-decode-{i}",
+                                         daemon=True) for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self) -> None:
+        """Worker thread: decode tasks until a None task or close()."""
+        while (task := self.tasks.get()) is not None and not self._closing.is_set():
+            try:
+                messages = decode_task(task, self.chunk_frames, self.timeout_s, self._closing)
+                for message in messages:
+                    if not self._put(message):
+                        messages.close()                 # kills this task's ffmpeg
+                        return
+            except BaseException:  # pragma: no cover - last resort, keeps the caller informed
+                self._put(("failed", task[0], None, traceback.format_exc(limit=1)))
+
+    def _put(self, message: Message) -> bool:
+        """Queue a message; False when the pool is closing (nobody will read it)."""
+        while not self._closing.is_set():
+            try:
+                self.results.put(message, timeout=_PUT_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def submit(self, task: Task) -> None:
         if self.workers > 0:
@@ -111,46 +101,43 @@ class DecodePool:
     def get(self, timeout: float = 5.0) -> Message | None:
         """The next message, or None when nothing arrived within ``timeout`` seconds."""
         if self.workers == 0:
-            while True:
-                if self._inline_iter is not None:
-                    message = next(self._inline_iter, None)
-                    if message is not None:
-                        return message
-                    self._inline_iter = None
-                if not self._inline:
-                    return None
-                self._inline_iter = decode_task(self._inline.pop(0), self.chunk_frames,
-                                                self.timeout_s)
+            return self._get_inline()
         try:
             return self.results.get(timeout=timeout)
         except queue.Empty:
             self._check_alive()
             return None
 
+    def _get_inline(self) -> Message | None:
+        while True:
+            if self._inline_iter is not None:
+                message = next(self._inline_iter, None)
+                if message is not None:
+                    return message
+                self._inline_iter = None
+            if not self._inline:
+                return None
+            self._inline_iter = decode_task(self._inline.pop(0), self.chunk_frames,
+                                            self.timeout_s)
+
     def _check_alive(self) -> None:
-        dead = [p for p in self.procs if not p.is_alive()]
+        dead = [t for t in self.threads if not t.is_alive()]
         if dead:
-            raise RuntimeError(f"{len(dead)} decode worker(s) died (exit code "
-                               f"{dead[0].exitcode}); rerun the job to resume")
+            raise RuntimeError(f"{len(dead)} decode worker thread(s) stopped unexpectedly; "
+                               "rerun the job to resume")
 
     def close(self) -> None:
-        if self.workers == 0:
-            return
-        for _ in self.procs:
+        """Stop the workers: running decodes are cancelled and their ffmpeg killed and reaped."""
+        self._closing.set()
+        for _ in self.threads:
             self.tasks.put(None)
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self.tasks.close()
-        self.results.close()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        if self._inline_iter is not None:
+            self._inline_iter.close()
 
     def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if exc[0] is not None and self.workers > 0:
-            for proc in self.procs:
-                proc.kill()
         self.close()

@@ -1,10 +1,11 @@
 """The batch tokenize job: videos -> VQ tokens -> sharded zarr / webdataset archives.
 
-Decoding runs in worker processes (:mod:`vimpac.tokenize.decode_pool`) while this process encodes
-frames in large batches, so decode and encode overlap. Finished videos are written to shards in a
-fixed order (the worker's sorted video list), so a resumed run produces the same shards, bitwise,
-as an uninterrupted one. Scale-out: N independent workers each take the videos whose key hashes to
-their index and write their own shards and manifest part; no coordination server is involved.
+Decoding runs in ffmpeg processes (:mod:`vimpac.tokenize.decode_pool`: one ffmpeg run per video
+decodes all its views) while this process encodes frames in large batches, so decode and encode
+overlap. Finished videos are written to shards in a fixed order (the worker's sorted video
+list), so a resumed run produces the same shards, bitwise, as an uninterrupted one. Scale-out:
+N independent workers each take the videos whose key hashes to their index and write their own
+shards and manifest part; no coordination server is involved.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from vimpac.common.archive import (
     load_part,
     make_views,
     remove_orphans,
+    remove_stale_temps,
     save_part,
     shard_name,
 )
@@ -285,6 +287,9 @@ class TokenizeJob:
         rel = "manifests/" + ManifestPart(self.settings, self.worker_index,
                                           self.num_workers).filename
         path = self.out.url(rel)
+        stale = remove_stale_temps(self.out, self.worker_index)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run", len(stale))
         if not self.out.exists(rel):
             self._check_other_workers()
             return ManifestPart(self.settings, self.worker_index, self.num_workers)
@@ -382,7 +387,8 @@ class TokenizeJob:
         done: dict[int, tuple[str, str]] = {}
         next_submit = next_finalize = 0
         t0 = time.perf_counter()
-        with DecodePool(self.cfg.decode_workers, chunk_frames=min(self.cfg.batch_frames, 256),
+        chunk = max(1, min(self.cfg.batch_frames, 256) // len(specs))   # frames x views per chunk
+        with DecodePool(self.cfg.decode_workers, chunk_frames=chunk,
                         timeout_s=self.cfg.decode_timeout_s) as pool:
             while next_finalize < len(todo):
                 while next_submit < len(todo) and (
@@ -412,9 +418,10 @@ class TokenizeJob:
 
     def _handle(self, message: tuple[str, int, Any, Any], encoder: _Encoder,
                 done: dict[int, tuple[str, str]]) -> None:
-        kind, index, view, payload = message
-        if kind == "frames":
-            encoder.add(index, view, payload)
+        kind, index, _, payload = message
+        if kind == "frames":                     # payload: uint8 [n, views, S, S, 3]
+            for view in range(payload.shape[1]):
+                encoder.add(index, view, payload[:, view])
         elif kind == "done":
             done[index] = ("ok", "")
         else:
