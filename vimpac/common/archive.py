@@ -398,7 +398,7 @@ def load_part(path: str | Path, where: Location | None = None) -> ManifestPart:
 
 def write_archive(root: str | Path | Location, settings: ArchiveSettings,
                   videos: Iterable[tuple[VideoRecord, dict[str, np.ndarray]]], *,
-                  videos_per_shard: int = 256, chunk_frames: int = 256,
+                  videos_per_shard: int = 256, chunk_frames: int = 1024,
                   zstd_level: int = 3) -> ManifestPart:
     """Write an archive from tokens already in memory (one worker), e.g. tokens converted from
     another tool or made up for tests: ``videos`` yields (record, {view: uint16 [T, H, W]})."""

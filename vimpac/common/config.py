@@ -92,8 +92,9 @@ class TokenizeConfig:
     hflip: bool = param(False, "also store horizontally flipped views (never for SSV2)")
     formats: list[str] = param(["zarr", "webdataset"], "archive formats to write: zarr, webdataset")
     videos_per_shard: int = param(256, "videos per shard", ge=1)
-    chunk_frames: int = param(256, "token frames per zarr inner chunk (each chunk costs "
-                                   "~0.3 ms to read: keep them large)", ge=1)
+    chunk_frames: int = param(1024, "token frames per zarr inner chunk (each chunk costs "
+                                    "~0.3 ms to read: keep them large; a clip read decodes "
+                                    "one chunk)", ge=1)
     zstd_level: int = param(3, "zstd compression level", ge=1, le=22)
     decode_workers: int = param(2, "concurrent ffmpeg decodes, each driven by a thread "
                                    "(0: decode inline)", ge=0, le=256)
