@@ -420,3 +420,25 @@ def test_ddp_two_processes_on_cpu(archive, tmp_path):
     assert summary["complete"] and summary["steps"] == 6
     ckpt = load_checkpoint(tmp_path / "out" / "checkpoints" / "step-000000006.pt")
     assert len(ckpt["rng"]) == 2
+
+
+def test_finetune_and_evaluate_from_an_object_store_equal_local(test_preset, tmp_path):
+    import fsspec
+
+    url = "memory://vimpac-finetune-test/arch"
+    try:
+        make_archive(url)
+        local = make_archive(tmp_path / "arch")
+        cfg = dataclasses.replace(CFG, epochs=2)
+        remote_run = run_finetune(url, cfg, tmp_path / "from-url", model_preset=test_preset)
+        local_run = run_finetune(local, cfg, tmp_path / "from-disk", model_preset=test_preset)
+        assert remote_run["best_val_top1"] == local_run["best_val_top1"]
+        a = load_checkpoint(tmp_path / "from-url" / "final.pt")["model"]
+        b = load_checkpoint(tmp_path / "from-disk" / "final.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        ecfg = EvaluateConfig(test_clips=2, test_crops=["center"])
+        got = run_evaluate(url, tmp_path / "from-url" / "final.pt", ecfg, tmp_path / "eval-url")
+        want = run_evaluate(local, tmp_path / "from-disk" / "final.pt", ecfg, tmp_path / "eval")
+        assert got["archive"] == url and got["confusion"] == want["confusion"]
+    finally:
+        fsspec.filesystem("memory").rm("vimpac-finetune-test", recursive=True)

@@ -119,7 +119,7 @@ def check_tokenizer(meta: dict[str, Any], settings: ArchiveSettings, init: str,
 
 
 def build_model(settings: ArchiveSettings, num_classes: int, cfg: FinetuneConfig,
-                init: str | None, model_preset: str, archive_root: Path) -> FinetuneModel:
+                init: str | None, model_preset: str, archive_root: str | Path) -> FinetuneModel:
     """Pre-trained backbone (positions interpolated) or from-scratch, plus a zero classifier."""
     grid = dict(frames=cfg.frames, height=cfg.grid, width=cfg.grid, dropout=cfg.dropout,
                 grad_checkpoint=False)
@@ -412,7 +412,7 @@ class Schedule:
                    save_every=max(1, round(per_epoch)), updates_per_epoch=per_epoch)
 
 
-def write_run_config(out: Path, cfg: FinetuneConfig, archive: Path, init: str | None,
+def write_run_config(out: Path, cfg: FinetuneConfig, archive: str | Path, init: str | None,
                      preset: str) -> None:
     doc = {"archive": str(archive), "init": init or "scratch",
            "model_preset": None if init else preset, "finetune": dataclasses.asdict(cfg)}
@@ -452,14 +452,14 @@ def run_finetune(archive_path: str | Path, cfg: FinetuneConfig, out_dir: str | P
     owns_group = not (dist.is_available() and dist.is_initialized())
     dist_info = init_distributed(device)
     try:
-        return _run(Path(archive_path), cfg, Path(out_dir), init, model_preset, progress, splits,
+        return _run(str(archive_path), cfg, Path(out_dir), init, model_preset, progress, splits,
                     stop_after, dist_info)
     finally:
         if owns_group:  # leave a process group the caller set up
             cleanup()
 
 
-def _run(archive_path: Path, cfg: FinetuneConfig, out: Path, init: str | None, preset: str,
+def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, preset: str,
          progress: Progress, splits: tuple[str, str] | None, stop_after: int | None,
          dist_info: DistInfo) -> dict[str, Any]:
     data = open_finetune_data(archive_path, cfg, splits)
