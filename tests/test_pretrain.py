@@ -146,3 +146,29 @@ def test_two_process_gloo_run(archive, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("STEP 2") == 2
     assert Path(tmp_path / "o" / "pretrained.pt").exists()
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 4, 7, 64])
+def test_whole_shard_fast_read_equals_zarr(tmp_path, chunk_frames):
+    """read_all decodes the writer's layout itself; it must give exactly what zarr gives."""
+    import zarr
+
+    from vimpac.common.archive import Archive, ZarrShard
+
+    root = write_token_archive(tmp_path / "a", videos=5, frames=(1, 13), per_shard=5)
+    archive = Archive(root)
+    path = root / "zarr" / f"{archive.shard_names()[0]}.zarr"
+    group = zarr.open_group(str(path), mode="a")
+    data = np.asarray(group["tokens/s1_center"][:])
+    rewritten = group.create_array("tokens/other", shape=data.shape, dtype="uint16",
+                                   chunks=(chunk_frames, 8, 8),
+                                   shards=(chunk_frames * -(-len(data) // chunk_frames), 8, 8))
+    rewritten[:] = data
+    shard = ZarrShard(path)
+    assert shard._read_all_direct("other") is not None
+    assert np.array_equal(shard.read_all("other"), data)
+    plain = group.create_array("tokens/plain", shape=data.shape, dtype="uint16",
+                               chunks=(3, 8, 8))             # no sharding: zarr reads it
+    plain[:] = data
+    assert ZarrShard(path)._read_all_direct("plain") is None
+    assert np.array_equal(ZarrShard(path).read_all("plain"), data)

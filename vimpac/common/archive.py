@@ -35,7 +35,7 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -591,10 +591,10 @@ class Archive:
         from zarr.core.buffer import cpu
         from zarr.storage import MemoryStore
 
-        files = self.fetch_shard(name, "zarr")
-        store = MemoryStore({k[len(rel) + 1:]: cpu.Buffer.from_bytes(v)
-                             for k, v in files.items()}, read_only=True)
-        return ZarrShard(store, label=self.root.url(rel))
+        files = {k[len(rel) + 1:]: v for k, v in self.fetch_shard(name, "zarr").items()}
+        store = MemoryStore({k: cpu.Buffer.from_bytes(v) for k, v in files.items()},
+                            read_only=True)
+        return ZarrShard(store, label=self.root.url(rel), raw=files.__getitem__)
 
     # -- webdataset
     def read_wds(self, name: str) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
@@ -614,11 +614,15 @@ class ZarrShard:
     errors). Arrays are opened, and their dtype checked, on first use.
     """
 
-    def __init__(self, source: str | Path | Any, label: str | None = None) -> None:
+    def __init__(self, source: str | Path | Any, label: str | None = None,
+                 raw: Callable[[str], bytes] | None = None) -> None:
         import zarr
 
         local = isinstance(source, (str, Path))
         self.path = label or str(source)
+        if raw is None and local:
+            raw = lambda key: (Path(source) / key).read_bytes()     # noqa: E731
+        self._raw = raw           # bytes of a key inside the shard (for read_all's fast path)
         try:                      # zarr v3 only: no v2 object codecs (pickle) can be reached
             self.group = zarr.open_group(str(source) if local else source, mode="r",
                                          zarr_format=3)
@@ -660,8 +664,71 @@ class ZarrShard:
         return np.asarray(self.array(view)[base + start: base + stop])
 
     def read_all(self, view: str) -> np.ndarray:
-        """Every video of the shard in ``view``, concatenated: uint16 [frames, H, W]."""
-        return np.asarray(self.array(view)[:])
+        """Every video of the shard in ``view``, concatenated: uint16 [frames, H, W].
+
+        Shards in the layout :class:`ShardWriter` writes (one zarr shard of zstd inner chunks) are
+        decoded directly, about twice as fast as through zarr's async machinery; any other
+        layout is read through zarr."""
+        fast = self._read_all_direct(view)
+        return fast if fast is not None else np.asarray(self.array(view)[:])
+
+    def _read_all_direct(self, view: str) -> np.ndarray | None:
+        from numcodecs import Zstd
+
+        if self._raw is None:
+            return None
+        try:
+            layout = _writer_layout(json.loads(self._raw(f"tokens/{view}/zarr.json")))
+            if layout is None:
+                return None
+            frames, chunk, shard, (h, w) = layout
+            data = self._raw(f"tokens/{view}/c/0/0/0")
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+        index_bytes = 16 * (shard // chunk)              # (offset, nbytes) uint64 per chunk
+        if len(data) < index_bytes + 4:
+            return None
+        index = np.frombuffer(data[-index_bytes - 4:-4], "<u8").reshape(-1, 2)
+        count = -(-frames // chunk)
+        out = np.empty((count * chunk, h, w), TOKEN_DTYPE)
+        codec, size = Zstd(), chunk * h * w * 2
+        for i, (offset, nbytes) in enumerate(index[:count].tolist()):
+            if offset + nbytes > len(data) - index_bytes - 4:
+                return None                              # missing chunk (fill value): use zarr
+            raw = codec.decode(data[offset:offset + nbytes])
+            if len(raw) != size:
+                return None
+            out[i * chunk:(i + 1) * chunk] = np.frombuffer(raw, "<u2").reshape(chunk, h, w)
+        return out[:frames]
+
+
+def _writer_layout(meta: dict[str, Any]) -> tuple[int, int, int, tuple[int, int]] | None:
+    """(frames, inner chunk frames, shard frames, (H, W)) when an array's zarr.json is exactly
+    what :class:`ShardWriter` writes: uint16 [frames, H, W] in one shard of zstd inner chunks,
+    little endian, index at the end; None for anything else."""
+    bytes_le = {"name": "bytes", "configuration": {"endian": "little"}}
+    shape = meta.get("shape")
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    codecs = meta.get("codecs", [])
+    if not (meta.get("zarr_format") == 3 and meta.get("data_type") == "uint16"
+            and meta.get("fill_value") == 0 and not meta.get("storage_transformers")
+            and isinstance(shape, list) and len(shape) == 3 and isinstance(grid, list)
+            and len(grid) == 3 and grid[1:] == shape[1:] and grid[0] >= shape[0]
+            and meta.get("chunk_key_encoding") == {"name": "default",
+                                                   "configuration": {"separator": "/"}}
+            and len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed"):
+        return None
+    conf = codecs[0].get("configuration", {})
+    inner = conf.get("chunk_shape")
+    inner_codecs = conf.get("codecs", [])
+    if not (isinstance(inner, list) and len(inner) == 3 and inner[1:] == shape[1:]
+            and inner[0] > 0 and grid[0] % inner[0] == 0
+            and conf.get("index_location") == "end"
+            and conf.get("index_codecs") == [bytes_le, {"name": "crc32c"}]
+            and len(inner_codecs) == 2 and inner_codecs[0] == bytes_le
+            and inner_codecs[1].get("name") == "zstd"):
+        return None
+    return shape[0], inner[0], grid[0], (shape[1], shape[2])
 
 
 def read_wds_shard(path: str | Path, expected_sha256: str | None = None
