@@ -165,6 +165,8 @@ def test_whole_shard_fast_read_equals_zarr(tmp_path, chunk_frames):
                                    shards=(chunk_frames * -(-len(data) // chunk_frames), 8, 8))
     rewritten[:] = data
     shard = ZarrShard(path)
+    assert shard._offsets_direct() is not None and shard._group is None   # zarr never opened
+    assert np.array_equal(shard.offsets, np.asarray(group["offsets"][:]))
     assert shard._read_all_direct("other") is not None
     assert np.array_equal(shard.read_all("other"), data)
     plain = group.create_array("tokens/plain", shape=data.shape, dtype="uint16",

@@ -118,7 +118,7 @@ def read_shard_flat(archive: Archive, name: str, fmt: str, view: str
     if fmt == "zarr":
         shard = archive.open_zarr_shard(name, verify=True)
         return shard.read_all(view), np.asarray(shard.offsets, np.int64)
-    videos = [views[view] for _, views in archive.read_wds(name)]
+    videos = [views[view] for _, views in archive.read_wds(name, [view])]
     offsets = np.zeros(len(videos) + 1, np.int64)
     np.cumsum([len(v) for v in videos], out=offsets[1:])
     if not videos:
