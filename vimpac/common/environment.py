@@ -9,7 +9,9 @@ from typing import Any
 from vimpac.common.ffmpeg_exe import FFmpegNotFound, ffmpeg_exe, ffmpeg_source, ffmpeg_version
 
 PACKAGES = ("vimpac", "torch", "numpy", "zarr", "numcodecs", "webdataset", "ffmpeg-python",
-            "imageio-ffmpeg", "safetensors", "click", "rich")
+            "imageio-ffmpeg", "safetensors", "click", "rich", "fsspec")
+# Object-store back-ends for archive URLs (extras vimpac[s3], vimpac[gcs]): shown when missing too.
+STORES = {"s3fs": "s3://", "gcsfs": "gs://"}
 
 
 def environment_report() -> dict[str, Any]:
@@ -34,4 +36,9 @@ def environment_report() -> dict[str, Any]:
             report[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             report[name] = "not installed"
+    for name, scheme in STORES.items():
+        try:
+            report[name] = f"{importlib.metadata.version(name)} ({scheme} archives)"
+        except importlib.metadata.PackageNotFoundError:
+            report[name] = f"not installed ({scheme} archives need it)"
     return report
