@@ -269,3 +269,19 @@ def test_locations_and_redaction(tmp_path):
     assert location("memory://user:pw@x/y").url("a/b") == "memory://x/y/a/b"
     with pytest.raises(StorageError, match="nosuchproto://x: cannot open nosuchproto:// URLs"):
         location("nosuchproto://x")
+
+
+def test_two_tokenize_workers_write_one_remote_archive(memory_root, videos, tiny_tokenizer,
+                                                       tmp_path):
+    """Scale-out into a bucket: each worker writes its own shards and manifest part."""
+    for worker in (0, 1):
+        run_tokenize([str(videos)], tiny_tokenizer, memory_root, TOK, worker_index=worker,
+                     num_workers=2)
+    local = tmp_path / "local"
+    run_tokenize([str(videos)], tiny_tokenizer, local, TOK)
+    remote = Archive(memory_root)
+    assert len(remote.parts) == 2 and remote.complete
+    assert sorted(remote.records) == sorted(Archive(local).records)
+    for key in remote.records:
+        assert np.array_equal(read_tokens(memory_root, key), read_tokens(local, key))
+    assert verify(memory_root).ok
