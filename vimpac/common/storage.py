@@ -94,20 +94,12 @@ class Location:
 
     is_local: bool = True
 
-    def __truediv__(self, rel: str) -> Location:
-        raise NotImplementedError
-
     def url(self, rel: str = "") -> str:
         """What to show users for ``rel`` (credentials removed)."""
         raise NotImplementedError
 
     def __str__(self) -> str:
         return self.url()
-
-    def __fspath__(self) -> str:            # lets local code keep using os / pathlib on it
-        if not self.is_local:
-            raise TypeError(f"{self.url()} is not a local path")
-        return str(self.local_path())
 
     def local_path(self, rel: str = "") -> Path:
         raise TypeError(f"{self.url(rel)} is not a local path")
@@ -139,9 +131,6 @@ class Location:
 
     def remove(self, rel: str) -> None:
         """Delete the object or folder ``rel`` (and everything under it); absent is fine."""
-        raise NotImplementedError
-
-    def size(self, rel: str) -> int:
         raise NotImplementedError
 
 
@@ -187,15 +176,6 @@ class LocalLocation(Location):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def __truediv__(self, rel: str) -> LocalLocation:
-        return LocalLocation(self.root / rel)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LocalLocation) and other.root == self.root
-
-    def __hash__(self) -> int:
-        return hash(self.root)
-
     def url(self, rel: str = "") -> str:
         return str(self.root / rel) if rel else str(self.root)
 
@@ -230,12 +210,6 @@ class LocalLocation(Location):
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-
-    def size(self, rel: str) -> int:
-        path = self.local_path(rel)
-        if path.is_dir():
-            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        return path.stat().st_size
 
 
 # ----------------------------------------------------------------------------------------- remote
@@ -307,17 +281,6 @@ class RemoteLocation(Location):
                                f"{_describe(exc)}{hint}") from None
         self.path = self.path.rstrip("/")
 
-    def __truediv__(self, rel: str) -> RemoteLocation:
-        child = RemoteLocation.__new__(RemoteLocation)
-        child._url, child.fs, child.path = _join(self._url, rel), self.fs, _join(self.path, rel)
-        return child
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemoteLocation) and other._url == self._url
-
-    def __hash__(self) -> int:
-        return hash(self._url)
-
     def __getstate__(self) -> dict[str, Any]:
         return {"_url": self._url}          # file systems are re-created in each process
 
@@ -374,10 +337,3 @@ class RemoteLocation(Location):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._p(rel), recursive=True)
         with_retries(self.url(rel), "remove", rm)
-
-    def size(self, rel: str) -> int:
-        def du() -> int:
-            if self.fs.isdir(self._p(rel)):
-                return int(self.fs.du(self._p(rel), total=True))
-            return int(self.fs.size(self._p(rel)))
-        return with_retries(self.url(rel), "measure", du)
