@@ -579,3 +579,26 @@ def test_random_bytes_are_refused(tmp_path: Path) -> None:
     noise.write_bytes(np.random.default_rng(3).integers(0, 256, 20000, dtype=np.uint8).tobytes())
     with pytest.raises(VideoError):
         decode_video(noise, DecodeSpec())
+
+
+@pytest.mark.parametrize("help_text, option", [
+    ("-vsync              video sync method\n", {"vsync": "passthrough"}),          # ffmpeg 4.x
+    ("-fps_mode[:<stream_spec>]  set framerate mode\n-vsync  video sync method\n",
+     {"fps_mode": "passthrough"}),                                                  # 5.1 - 7.x
+    ("-fps_mode[:<stream_spec>]  set framerate mode\n", {"fps_mode": "passthrough"}),  # 8.0+
+])
+def test_passthrough_option_follows_the_ffmpeg_in_use(tmp_path, monkeypatch, help_text, option):
+    from vimpac.common import ffmpeg_exe as exe
+
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(f"#!/bin/sh\nprintf '%s' '{help_text}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("VIMPAC_FFMPEG", str(fake))
+    exe.ffmpeg_exe.cache_clear()
+    exe.passthrough_option.cache_clear()
+    try:
+        assert exe.passthrough_option() == option
+    finally:
+        monkeypatch.delenv("VIMPAC_FFMPEG")
+        exe.ffmpeg_exe.cache_clear()
+        exe.passthrough_option.cache_clear()

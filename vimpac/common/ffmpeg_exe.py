@@ -48,3 +48,17 @@ def ffmpeg_version() -> str:
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-version"], capture_output=True, text=True,
                          timeout=30)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+@functools.cache
+def passthrough_option() -> dict[str, str]:
+    """Output option that keeps every frame with its timestamp, for the binary in use.
+
+    ffmpeg >= 5.1 spells it ``-fps_mode passthrough`` and 8.0 drops the old ``-vsync``; 4.x (e.g.
+    the system ffmpeg of Ubuntu 22.04, or an older imageio-ffmpeg) knows only ``-vsync``.
+    """
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-h", "long"], capture_output=True,
+                         text=True, timeout=30, check=False)
+    if "-fps_mode" in out.stdout or "-vsync" not in out.stdout:
+        return {"fps_mode": "passthrough"}
+    return {"vsync": "passthrough"}

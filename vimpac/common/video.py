@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import ffmpeg
 import numpy as np
 
-from vimpac.common.ffmpeg_exe import ffmpeg_exe
+from vimpac.common.ffmpeg_exe import ffmpeg_exe, passthrough_option
 
 logger = logging.getLogger(__name__)
 
@@ -448,9 +448,10 @@ def decode_video(path: str | os.PathLike, spec: DecodeSpec, *, timeout_s: float 
 def count_frames(path: str | os.PathLike, fps: float | None, *, timeout_s: float = 600.0) -> int:
     """Frames ffmpeg itself outputs for this file at ``fps`` (None: every source frame).
 
-    Runs ``-map 0:V:0 [-vf fps=..] -fps_mode passthrough -f null -`` and reads the final ``frame=``
-    of ``-progress``. This is the raw ffmpeg count, for tests and benchmarks: where it is 0 but the
-    source has a frame, :func:`decode_frames` still yields one frame.
+    Runs ``-map 0:V:0 [-vf fps=..] -fps_mode passthrough -f null -`` (``-vsync`` on ffmpeg 4) and
+    reads the final ``frame=`` of ``-progress``. This is the raw ffmpeg count, for tests and
+    benchmarks: where it is 0 but the source has a frame, :func:`decode_frames` still yields one
+    frame.
     Raises:
         VideoError: refused or unreadable input, or timeout.
     """
@@ -459,7 +460,7 @@ def count_frames(path: str | os.PathLike, fps: float | None, *, timeout_s: float
     stream = _safe_input(path)["V:0"]
     if fps is not None:
         stream = stream.filter("fps", fps=_fps_arg(fps))
-    cmd = (stream.output("-", format="null", fps_mode="passthrough")
+    cmd = (stream.output("-", format="null", **passthrough_option())
            .global_args(*_GLOBAL_ARGS, "-progress", "pipe:1").compile(cmd=ffmpeg_exe()))
     try:
         out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
@@ -497,7 +498,7 @@ def _decode_cmd(path: str, specs: DecodeSpec | Sequence[DecodeSpec], *, use_fps:
         views = [_view_chain(branches.stream(i), spec) for i, spec in enumerate(specs)]
         stream = ffmpeg.filter(views, "vstack", inputs=len(specs))
     out_kwargs: dict[str, object] = {"format": "rawvideo", "pix_fmt": "rgb24",
-                                     "fps_mode": "passthrough"}
+                                     **passthrough_option()}
     if max_frames is not None:
         out_kwargs["frames:v"] = max_frames
     node = stream.output("pipe:", **out_kwargs).global_args(*_GLOBAL_ARGS)
