@@ -20,6 +20,7 @@ at tiny sizes in a few seconds (no compile), so the script is tested where there
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -93,6 +94,7 @@ def tokenize_check(plan: Plan, work: Path) -> dict[str, Any]:
                                         blocks_per_group=2 if not plan.dry else 1)), tok)
     tb.WORKERS = plan.decode_workers
     decode_s, frames = tb.decode_only(paths)
+    encode_s = encode_only(tok, frames, plan.device)
     out = work / "tok-archive"
     cfg = tb.job_config(decode_workers=plan.decode_workers, device=plan.device)
     shutil.rmtree(out, ignore_errors=True)
@@ -102,8 +104,30 @@ def tokenize_check(plan: Plan, work: Path) -> dict[str, Any]:
     return {"videos": len(paths), "source_frames": src_frames, "output_frames": len(frames),
             "decode_workers": plan.decode_workers, "decode_only_s": decode_s, "job_s": job_s,
             "decode_only_src_fps": src_frames / decode_s, "job_src_fps": src_frames / job_s,
-            "job_vs_decode": decode_s / job_s, "failed": summary.failed,
+            "job_vs_decode": decode_s / job_s, "encode_only_s": encode_s,
+            "job_vs_max_decode_encode": job_s / max(decode_s, encode_s),
+            "job_vs_sum_decode_encode": job_s / (decode_s + encode_s), "failed": summary.failed,
             "encoder": f"dalle n_hid={plan.encoder_channels}, bf16 on {plan.device}"}
+
+
+def encode_only(tokenizer: Path, frames: np.ndarray, device: str) -> float:
+    """Seconds to encode the decoded frames alone on `device`, as the job does (one warm-up)."""
+    from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
+
+    model = load_tokenizer(tokenizer, device=device)
+    batch = job_batch_frames()
+    encode_frames(model, frames[:batch], batch_size=batch, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    encode_frames(model, frames, batch_size=batch, device=device)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def job_batch_frames() -> int:
+    import benchmarks.tokenize_job as tb
+
+    return tb.job_config().batch_frames
 
 
 # ------------------------------------------------------------------------------------ pretrain
@@ -231,38 +255,81 @@ def loader_check(plan: Plan, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- main
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    tok, rows = result["tokenize"], []
-    rows.append(("tokenize job vs ffmpeg decode limit (source frames/s)",
-                 f"{tok['job_src_fps']:.0f} vs {tok['decode_only_src_fps']:.0f}",
-                 f"{tok['job_vs_decode']:.2f}x (target >= 0.8)"))
-    for r in result["pretrain"]:
+    rows = []
+    tok = result.get("tokenize")
+    if tok:
+        rows.append(("tokenize job vs ffmpeg decode limit (source frames/s)",
+                     f"{tok['job_src_fps']:.0f} vs {tok['decode_only_src_fps']:.0f}",
+                     f"{tok['job_vs_decode']:.2f}x (target >= 0.8)"))
+        rows.append(("tokenize job time vs max(decode only, encode only)",
+                     f"{tok['job_s']:.1f} s vs {tok['decode_only_s']:.1f} / "
+                     f"{tok['encode_only_s']:.1f} s",
+                     f"{tok['job_vs_max_decode_encode']:.2f}x (target <= 1.15)"))
+    for r in result.get("pretrain", []):
         mem = f", {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else ""
         rows.append((f"pretrain {r['preset']} bf16{' compiled' if r['compile'] else ''}",
                      f"{r['clips_per_s']:.1f} clips/s{mem}",
                      f"MFU {r['mfu']:.1%}, fused SDPA {r['fused_sdpa']}"))
-    ld = result["loader"]
-    rows.append((f"loader feeding {ld['preset']} ({ld['workers']} workers)",
-                 f"wait {ld['wait_fraction']:.1%} of step", "target < 5%"))
+    ld = result.get("loader")
+    if ld:
+        rows.append((f"loader feeding {ld['preset']} ({ld['workers']} workers)",
+                     f"wait {ld['wait_fraction']:.1%} of step", "target < 5%"))
     return rows
 
 
-def run(plan: Plan, work: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"dry_run": plan.dry, "machine": machine(), "plan": plan.__dict__}
-    result["tokenize"] = tokenize_check(plan, work)
-    result["pretrain"] = [pretrain_config(plan, p, c) for p in plan.presets
-                          for c in plan.compile_modes]
-    result["loader"] = loader_check(plan, work)
-    result["met"] = {"tokenize_vs_decode_ge_0.8": result["tokenize"]["job_vs_decode"] >= 0.8,
-                     "loader_wait_lt_5pct": result["loader"]["wait_fraction"] < 0.05,
-                     "fused_sdpa": all(r["fused_sdpa"] is not False for r in result["pretrain"])}
+CHECKS = ("tokenize", "pretrain", "loader")
+
+
+def run(plan: Plan, work: Path, out: Path, only: tuple[str, ...] = CHECKS) -> dict[str, Any]:
+    """Every check in turn; ``out/gpu.json`` is rewritten after each, so a run cut short by a
+    time limit still leaves what it measured. A check that raises is recorded, not fatal."""
+    result: dict[str, Any] = {"dry_run": plan.dry, "machine": machine(), "plan": plan.__dict__,
+                              "errors": {}}
+    checks = [("tokenize", lambda: tokenize_check(plan, work))]
+    checks += [(f"pretrain {p}{' compiled' if c else ''}", functools.partial(
+        pretrain_config, plan, p, c)) for p in plan.presets for c in plan.compile_modes]
+    checks.append(("loader", lambda: loader_check(plan, work)))
+    checks = [(name, check) for name, check in checks if name.split()[0] in only]
+    for name, check in checks:
+        t0 = time.perf_counter()
+        try:
+            value = check()
+        except Exception as exc:  # noqa: BLE001 - one failed check must not hide the others
+            result["errors"][name] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name}] failed: {result['errors'][name]}", flush=True)
+            continue
+        if name.startswith("pretrain"):
+            result.setdefault("pretrain", []).append(value)
+        else:
+            result[name] = value
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+        save(out, result)
+    tok, ld = result.get("tokenize"), result.get("loader")
+    result["met"] = {
+        "tokenize_vs_decode_ge_0.8": tok is not None and tok["job_vs_decode"] >= 0.8,
+        "tokenize_vs_max_le_1.15": tok is not None and tok["job_vs_max_decode_encode"] <= 1.15,
+        "loader_wait_lt_5pct": ld is not None and ld["wait_fraction"] < 0.05,
+        "fused_sdpa": bool(result.get("pretrain")) and all(
+            r["fused_sdpa"] is not False for r in result["pretrain"])}
     return result
+
+
+def save(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(result, indent=1, default=_json) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--checks", default=",".join(CHECKS),
+                        help=f"comma-separated subset of {','.join(CHECKS)}")
     args = parser.parse_args(argv)
+    only = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+    unknown = sorted(set(only) - set(CHECKS))
+    if unknown or not only:
+        parser.error(f"--checks {args.checks!r}: choose from {','.join(CHECKS)}")
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch (use --dry-run on a CPU machine)",
               file=sys.stderr)
@@ -272,17 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args.dry_run)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vimpac-gpu-") as tmp:
-        result = run(plan, Path(tmp))
+        result = run(plan, Path(tmp), args.out, only)
     result["seconds"] = time.perf_counter() - t0
     print(machine_line(result["machine"]))
     rows = summary_rows(result)
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:<28}  {note}")
+    for name, error in result["errors"].items():
+        print(f"{name}: FAILED {error}")
     print(f"total {result['seconds']:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=1, default=_json) + "\n")
-    return 0
+    save(args.out, result)
+    return 1 if result["errors"] else 0
 
 
 def _json(x: object) -> object:
