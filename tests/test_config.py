@@ -71,6 +71,8 @@ def test_overrides_are_type_checked(tmp_path):
         load_pipeline("p", path, ["pretrain.steps=1.5"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_pipeline("p", path, ["steps"])
+    with pytest.raises(ConfigError, match=r"data.synth_travel = \[0.8, 0.2\]: expected \[low"):
+        load_pipeline("p", path, ["data.synth_travel=[0.8, 0.2]"])
 
 
 def test_invalid_yaml_and_unknown_pipeline(tmp_path):

@@ -309,3 +309,18 @@ def test_default_classes_are_motion_classes():
     assert set(DEFAULT_CLASSES) >= {"move_left", "move_right", "move_up", "move_down", "approach",
                                     "recede", "rotate_cw", "rotate_ccw"}
     assert len({MOTIONS[c][0] for c in DEFAULT_CLASSES}) == len(DEFAULT_CLASSES)
+
+
+def test_scene_controls_background_travel_and_drift():
+    from vimpac.common.synth import Scene
+
+    plain = Scene(background_contrast=(0.0, 0.0), travel=(0.7, 0.7), camera_drift=0.0)
+    frames, mask, track, _ = render_clip_with_mask("move_right", np.random.default_rng(3), 12,
+                                                   64, 64, plain)
+    assert np.all(track.bg_dx == 0) and np.all(track.bg_dy == 0)
+    assert track.cx[-1] - track.cx[0] == pytest.approx(0.7 * 64, abs=1e-3)
+    background = frames[0][~mask[0]].reshape(-1, 3).astype(int)
+    far = np.abs(background - np.median(background, axis=0)).max(axis=1) <= 1
+    assert far.mean() > 0.9                              # flat apart from the object's edge
+    with pytest.raises(ValueError, match=r"SynthSpec.travel=\(0.8, 0.2\)"):
+        validate_spec(SynthSpec(travel=(0.8, 0.2)))

@@ -50,6 +50,12 @@ class DataConfig:
     synth_val_per_class: int = param(4, "synthetic labelled val videos per class", ge=1)
     synth_size: int = param(96, "synthetic labelled clip side in pixels", ge=32, le=1024)
     synth_uncurated_videos: int = param(12, "synthetic unlabelled multi-shot videos", ge=0)
+    synth_background_contrast: list[float] = param(
+        [0.35, 0.75], "synthetic background texture contrast range [low, high] (0 = flat)")
+    synth_travel: list[float] = param(
+        [0.4, 0.62], "synthetic move_* distance range [low, high], fraction of the frame side")
+    synth_camera_drift: float = param(0.1, "synthetic largest background drift over a clip, "
+                                           "fraction of the frame side", ge=0, le=1)
     synth_layout: str = param("ucf101", "layout the synthetic labelled task is read from",
                               choices=("ucf101", "ssv2", "list"))
     pretrain_inputs: list[str] = param([], "videos, folders or list files for pre-training "
@@ -450,6 +456,11 @@ def resolve(raw: dict[str, Any], name: str, source: str,
 
 def check_consistency(config: PipelineConfig, where: _Where) -> None:
     """Cross-field rules that single-field ranges cannot express."""
+    for key in ("synth_background_contrast", "synth_travel"):
+        pair = getattr(config.data, key)
+        if len(pair) != 2 or not 0.0 <= pair[0] <= pair[1] <= 1.0:
+            raise where.error(f"data.{key}", pair,
+                              "expected [low, high] with 0 <= low <= high <= 1")
     tk = config.tokenize
     if tk.size > tk.shorter_side:
         raise where.error("tokenize.size", tk.size,

@@ -94,11 +94,27 @@ class SynthSpec:
     uncurated_videos: int = 12  # unlabelled multi-shot videos
     uncurated_seconds: tuple[float, float] = (6.0, 12.0)  # uncurated duration range
     layouts: tuple[str, ...] = LAYOUTS  # labelled layouts to write (subset of LAYOUTS)
+    background_contrast: tuple[float, float] = (0.35, 0.75)  # background texture contrast range
+    travel: tuple[float, float] = (0.4, 0.62)  # move_* distance range, fraction of the frame side
+    camera_drift: float = 0.1  # largest background drift over a clip, fraction of the frame side
 
     @property
     def clip_frames(self) -> int:
         """Frames per labelled clip."""
         return int(round(self.clip_seconds * self.clip_fps))
+
+    @property
+    def scene(self) -> Scene:
+        return Scene(tuple(self.background_contrast), tuple(self.travel), self.camera_drift)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """How a clip looks and moves, beyond its motion class (every clip of a corpus shares it)."""
+
+    background_contrast: tuple[float, float] = (0.35, 0.75)
+    travel: tuple[float, float] = (0.4, 0.62)
+    camera_drift: float = 0.1
 
 
 def validate_spec(spec: SynthSpec) -> None:
@@ -125,6 +141,12 @@ def validate_spec(spec: SynthSpec) -> None:
         raise bad("uncurated_videos", "must be >= 0")
     if not 0.5 <= lo <= hi:
         raise bad("uncurated_seconds", "must be (low, high) with 0.5 <= low <= high")
+    for field in ("background_contrast", "travel"):
+        lo, hi = getattr(spec, field)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise bad(field, "must be (low, high) with 0 <= low <= high <= 1")
+    if not 0.0 <= spec.camera_drift <= 1.0:
+        raise bad("camera_drift", "must be in [0, 1]")
     extra = [x for x in spec.layouts if x not in LAYOUTS]
     if extra:
         raise bad("layouts", f"unknown {extra}; known: {list(LAYOUTS)}")
@@ -312,21 +334,22 @@ def _ramp(rng: np.random.Generator, n: int) -> np.ndarray:
     return (t ** rng.uniform(0.8, 1.25)).astype(np.float32)
 
 
-def _track(motion: str, rng: np.random.Generator, n: int, h: int, w: int) -> Track:
+def _track(motion: str, rng: np.random.Generator, n: int, h: int, w: int,
+           scene: Scene = Scene()) -> Track:
     """Scene parameters of one clip of `motion` (see Track)."""
     if motion in _REVERSE_OF:
-        return _track(_REVERSE_OF[motion], rng, n, h, w).reversed()
+        return _track(_REVERSE_OF[motion], rng, n, h, w, scene).reversed()
     s = float(min(h, w))
     ramp = _ramp(rng, n)
     ones = np.ones(n, np.float32)
-    drift_ang, drift = rng.uniform(-np.pi, np.pi), rng.uniform(0.0, 0.1) * s
+    drift_ang, drift = rng.uniform(-np.pi, np.pi), rng.uniform(0.0, scene.camera_drift) * s
     bg_dx, bg_dy = ramp * drift * np.cos(drift_ang), ramp * drift * np.sin(drift_ang)
     angle0 = rng.uniform(-np.pi, np.pi)
     cx0, cy0 = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
     if motion in _DIRECTIONS:
         ux, uy = _DIRECTIONS[motion]
         length, across = (w, h) if ux else (h, w)
-        dist = rng.uniform(0.4, 0.62) * length
+        dist = rng.uniform(*scene.travel) * length
         margin = 0.12 * length
         start = margin + rng.uniform() * (length - 2 * margin - dist)
         along = start + ramp * dist
@@ -366,7 +389,7 @@ def _shift(canvas: np.ndarray, y: float, x: float, h: int, w: int) -> np.ndarray
 
 
 def _background(rng: np.random.Generator, track: Track, h: int, w: int, avoid: str,
-                object_rgb: np.ndarray) -> tuple[str, np.ndarray]:
+                object_rgb: np.ndarray, scene: Scene = Scene()) -> tuple[str, np.ndarray]:
     """(texture name, float32 [n, h, w, 3]) low-contrast background shifted by the track.
 
     The background never uses the object's texture (`avoid`), and is darkened or lightened when
@@ -385,7 +408,7 @@ def _background(rng: np.random.Generator, track: Track, h: int, w: int, avoid: s
     grid_x = tx + zoom * np.arange(cw, dtype=np.float32)[None, :]
     canvas = tex.sample(grid_y, grid_x)  # [ch, cw, 3]
     mean = canvas.mean(axis=(0, 1))
-    canvas = mean + np.float32(rng.uniform(0.35, 0.75)) * (canvas - mean)
+    canvas = mean + np.float32(rng.uniform(*scene.background_contrast)) * (canvas - mean)
     if np.linalg.norm(mean - object_rgb) < 0.3:  # too similar: push away in brightness
         canvas = canvas * 0.55 if object_rgb.mean() > 0.5 else 0.45 + canvas * 0.55
     shifts = zip(track.bg_dy - oy, track.bg_dx - ox, strict=True)
@@ -453,7 +476,8 @@ def _composite(bg: np.ndarray, sprite: _Sprite) -> tuple[np.ndarray, np.ndarray]
 
 
 def render_clip_with_mask(cls: str, rng: np.random.Generator, n_frames: int, height: int,
-                          width: int) -> tuple[np.ndarray, np.ndarray, Track, dict[str, str]]:
+                          width: int, scene: Scene = Scene()
+                          ) -> tuple[np.ndarray, np.ndarray, Track, dict[str, str]]:
     """Render one clip of motion `cls`.
 
     Returns frames uint8 [n, H, W, 3], the object mask bool [n, H, W] (coverage > 0.5), the
@@ -461,11 +485,11 @@ def render_clip_with_mask(cls: str, rng: np.random.Generator, n_frames: int, hei
     """
     if cls not in MOTIONS:
         raise ValueError(f"unknown motion class {cls!r}; known: {sorted(MOTIONS)}")
-    track = _track(cls, rng, n_frames, height, width)
+    track = _track(cls, rng, n_frames, height, width, scene)
     tex_name, shape_name, sprite = _object(rng, track)
     a = sprite.alpha[..., None]  # mean over all frames: the same for a time-reversed track
     object_rgb = (a * sprite.colour).sum((0, 1, 2)) / max(float(a.sum()), 1e-6)
-    bg_name, bg = _background(rng, track, height, width, tex_name, object_rgb)
+    bg_name, bg = _background(rng, track, height, width, tex_name, object_rgb, scene)
     frames, alpha = _composite(bg, sprite)
     frames = np.clip(frames * 255.0 + 0.5, 0, 255).astype(np.uint8)
     about = {"texture": tex_name, "shape": shape_name, "background": bg_name}
@@ -473,9 +497,9 @@ def render_clip_with_mask(cls: str, rng: np.random.Generator, n_frames: int, hei
 
 
 def render_clip(cls: str, rng: np.random.Generator, n_frames: int, height: int,
-                width: int) -> np.ndarray:
+                width: int, scene: Scene = Scene()) -> np.ndarray:
     """Frames uint8 [n_frames, height, width, 3] of one clip of motion class `cls`."""
-    return render_clip_with_mask(cls, rng, n_frames, height, width)[0]
+    return render_clip_with_mask(cls, rng, n_frames, height, width, scene)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,7 +674,7 @@ def _write_clip(out: Path, spec: SynthSpec, job: ClipJob) -> None:
     if not todo:
         return
     rng = np.random.default_rng(job.seed_key(spec.seed))
-    frames = render_clip(job.cls, rng, spec.clip_frames, spec.height, spec.width)
+    frames = render_clip(job.cls, rng, spec.clip_frames, spec.height, spec.width, spec.scene)
     _encode(lambda: [frames], todo, spec.width, spec.height, spec.clip_fps)
 
 
@@ -664,7 +688,7 @@ def _write_uncurated(out: Path, spec: SynthSpec, job: UncuratedJob) -> None:
     def shots():
         for (start, motion), end in zip(job.shots, ends, strict=True):
             rng = np.random.default_rng([spec.seed, 4, job.index, start])
-            yield render_clip(motion, rng, end - start, job.height, job.width)
+            yield render_clip(motion, rng, end - start, job.height, job.width, spec.scene)
 
     audio = job.frames / job.fps if job.audio else None
     _encode(shots, [path], job.width, job.height, job.fps, audio_seconds=audio)
@@ -825,7 +849,7 @@ def write_corpus(out_dir: str | os.PathLike[str], spec: SynthSpec = SynthSpec(),
 def _clip_about(spec: SynthSpec, job: ClipJob) -> dict[str, str]:
     """Texture/shape names of a clip (re-derived cheaply from its seed on a 16x16 render)."""
     rng = np.random.default_rng(job.seed_key(spec.seed))
-    return render_clip_with_mask(job.cls, rng, 2, 16, 16)[3]
+    return render_clip_with_mask(job.cls, rng, 2, 16, 16, spec.scene)[3]
 
 
 def _write_labels(out: Path, spec: SynthSpec, clips: Sequence[ClipJob],
