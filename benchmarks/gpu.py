@@ -94,7 +94,7 @@ def tokenize_check(plan: Plan, work: Path) -> dict[str, Any]:
                                         blocks_per_group=2 if not plan.dry else 1)), tok)
     tb.WORKERS = plan.decode_workers
     decode_s, frames = tb.decode_only(paths)
-    encode_s = encode_only(tok, frames, plan.device)
+    encode_s = tb.encode_only(tok, frames, plan.device)
     out = work / "tok-archive"
     cfg = tb.job_config(decode_workers=plan.decode_workers, device=plan.device)
     shutil.rmtree(out, ignore_errors=True)
@@ -108,26 +108,6 @@ def tokenize_check(plan: Plan, work: Path) -> dict[str, Any]:
             "job_vs_max_decode_encode": job_s / max(decode_s, encode_s),
             "job_vs_sum_decode_encode": job_s / (decode_s + encode_s), "failed": summary.failed,
             "encoder": f"dalle n_hid={plan.encoder_channels}, bf16 on {plan.device}"}
-
-
-def encode_only(tokenizer: Path, frames: np.ndarray, device: str) -> float:
-    """Seconds to encode the decoded frames alone on `device`, as the job does (one warm-up)."""
-    from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
-
-    model = load_tokenizer(tokenizer, device=device)
-    batch = job_batch_frames()
-    encode_frames(model, frames[:batch], batch_size=batch, device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    encode_frames(model, frames, batch_size=batch, device=device)
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def job_batch_frames() -> int:
-    import benchmarks.tokenize_job as tb
-
-    return tb.job_config().batch_frames
 
 
 # ------------------------------------------------------------------------------------ pretrain

@@ -64,14 +64,21 @@ def decode_only(paths: list[Path]) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, np.concatenate(frames)
 
 
-def encode_only(tokenizer: Path, frames: np.ndarray) -> float:
-    """Seconds to encode ``frames`` with the tokenizer in the job's batch size (model loaded)."""
+def encode_only(tokenizer: Path, frames: np.ndarray, device: str = "cpu") -> float:
+    """Seconds to encode ``frames`` on ``device`` in the job's batch size (model loaded, one
+    warm-up batch; CUDA work is synchronised before the clock stops)."""
+    import torch
+
     from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
 
-    model = load_tokenizer(tokenizer)
-    encode_frames(model, frames[:8], batch_size=BATCH)             # warm-up
+    model = load_tokenizer(tokenizer, device=device)
+    encode_frames(model, frames[:BATCH], batch_size=BATCH, device=device)   # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    encode_frames(model, frames, batch_size=BATCH)
+    encode_frames(model, frames, batch_size=BATCH, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
