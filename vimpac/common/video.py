@@ -479,7 +479,6 @@ def _fps_arg(fps: float) -> str:
     return f"{fps:.10g}"
 
 
-
 def _decode_cmd(path: str, specs: DecodeSpec | Sequence[DecodeSpec], *, use_fps: bool,
                 max_frames: int | None, threads: int | None) -> list[str]:
     """ffmpeg command line: the paper's filter chain per view, raw rgb24 frames on stdout.

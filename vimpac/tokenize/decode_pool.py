@@ -12,9 +12,9 @@ each ffmpeg fails its next write on the closed pipe and exits.
 
 Messages from :meth:`DecodePool.get`::
 
-    ("frames", index, None, uint8 [n, V, S, S, 3])   # V views, in the order of ``specs``
-    ("done", index, None, None)
-    ("failed", index, None, reason)
+    ("frames", index, uint8 [n, V, S, S, 3])   # V views, in the order of ``specs``
+    ("done", index, None)
+    ("failed", index, reason)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 from vimpac.common.video import DecodeSpec, VideoError, decode_views
 
 Task = tuple[int, str, list[DecodeSpec]]
-Message = tuple[str, int, Any, Any]
+Message = tuple[str, int, Any]  # (kind, video index, payload)
 
 _PUT_POLL_S = 0.5  # how often a worker blocked on a full result queue checks for close()
 
@@ -40,14 +40,14 @@ def decode_task(task: Task, chunk_frames: int, timeout_s: float,
     try:
         for chunk in decode_views(path, specs, chunk_frames=chunk_frames, timeout_s=timeout_s,
                                   cancel=cancel):
-            yield ("frames", index, None, chunk)
+            yield ("frames", index, chunk)
     except VideoError as exc:
-        yield ("failed", index, None, exc.reason)
+        yield ("failed", index, exc.reason)
         return
     except Exception as exc:  # a decoder bug must cost one video, not the job
-        yield ("failed", index, None, f"unexpected {type(exc).__name__}: {exc}")
+        yield ("failed", index, f"unexpected {type(exc).__name__}: {exc}")
         return
-    yield ("done", index, None, None)
+    yield ("done", index, None)
 
 
 class DecodePool:
@@ -80,7 +80,7 @@ class DecodePool:
                         messages.close()                 # kills this task's ffmpeg
                         return
             except BaseException:  # pragma: no cover - last resort, keeps the caller informed
-                self._put(("failed", task[0], None, traceback.format_exc(limit=1)))
+                self._put(("failed", task[0], traceback.format_exc(limit=1)))
 
     def _put(self, message: Message) -> bool:
         """Queue a message; False when the pool is closing (nobody will read it)."""

@@ -39,7 +39,7 @@ from vimpac.common.config import TokenizeConfig, config_to_yaml
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.storage import location
 from vimpac.common.video import DecodeSpec
-from vimpac.tokenize.decode_pool import DecodePool
+from vimpac.tokenize.decode_pool import DecodePool, Message
 
 log = logging.getLogger(__name__)
 
@@ -416,9 +416,9 @@ class TokenizeJob:
             self._commit(writer)
         task.close()
 
-    def _handle(self, message: tuple[str, int, Any, Any], encoder: _Encoder,
+    def _handle(self, message: Message, encoder: _Encoder,
                 done: dict[int, tuple[str, str]]) -> None:
-        kind, index, _, payload = message
+        kind, index, payload = message
         if kind == "frames":                     # payload: uint8 [n, views, S, S, 3]
             for view in range(payload.shape[1]):
                 encoder.add(index, view, payload[:, view])
