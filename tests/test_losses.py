@@ -12,7 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vimpac.pretrain.losses import gather_with_grad, masked_token_loss, nt_xent, pretrain_loss
+from vimpac.pretrain.losses import (
+    changed_from_previous_frame,
+    gather_with_grad,
+    masked_token_loss,
+    moving_accuracy,
+    nt_xent,
+    pretrain_loss,
+)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -89,6 +96,25 @@ def test_pretrain_loss_combines_with_alpha() -> None:
     torch.testing.assert_close(full["nce_loss"], nt_xent(z1, z2)[0])
     with pytest.raises(ValueError, match="2N"):
         pretrain_loss({"mlm_logits": outputs["mlm_logits"], "proj": torch.randn(3, 4)}, targets)
+
+
+def test_moving_codes_accuracy_counts_only_codes_that_changed() -> None:
+    tokens = torch.tensor([[[[1, 2]], [[1, 3]], [[4, 3]]]])  # [N=1, T=3, H=1, W=2]
+    changed = changed_from_previous_frame(tokens)
+    assert changed[0, :, 0, :].tolist() == [[False, False], [False, True], [True, False]]
+    targets = tokens.flatten()  # every position masked: 6 targets, 2 of them moving
+    logits = F.one_hot(targets, 5).float()
+    logits[3] = F.one_hot(torch.tensor(0), 5).float()  # wrong on the moving code at (t=1, w=1)
+    out = pretrain_loss({"mlm_logits": logits, "proj": torch.randn(2, 4)}, targets,
+                        moving=changed.flatten())
+    values = {k: float(v) for k, v in out.items()}
+    moving_accuracy(values)
+    assert values["mlm_acc"] == pytest.approx(5 / 6)
+    assert values["mlm_acc_moving"] == pytest.approx(1 / 2)
+    assert "mlm_moving" not in values and "mlm_moving_hits" not in values
+    still = {"mlm_moving_hits": 0.0, "mlm_moving": 0.0}
+    moving_accuracy(still)
+    assert still == {}  # nothing moving was masked: no figure rather than a made-up one
 
 
 def test_gather_is_identity_without_distributed() -> None:

@@ -1,6 +1,7 @@
 """Pre-training: the clip stream, exact resume, multi-process gloo, refusing bad archives."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -121,6 +122,9 @@ def test_stop_and_resume_equals_uninterrupted(archive, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6                                    # no duplicated metric lines
+    logged = [json.loads(line) for line in lines]
+    assert all(0.0 <= m.get("mlm_acc_moving", 0.0) <= 1.0 for m in logged)
+    assert any("mlm_acc_moving" in m for m in logged)
 
 
 def test_resume_with_other_settings_is_refused(archive, tmp_path):

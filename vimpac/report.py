@@ -56,7 +56,7 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
             add(name, "videos ok / failed", f"{r.get('ok')} / {r.get('failed')}")
     if "pretrain" in names and names["pretrain"].done():
         r = names["pretrain"].result()
-        for key in ("step", "mlm_acc", "nce_acc", "mlm_loss", "nce_loss"):
+        for key in ("step", "mlm_acc", "mlm_acc_moving", "nce_acc", "mlm_loss", "nce_loss"):
             add("pretrain", key, r.get(key))
     for variant in ("evaluate", "evaluate-scratch"):
         if variant in names and names[variant].done():
@@ -81,6 +81,9 @@ def plot_curves(ctx: RunContext, out: Path) -> Path | None:
         axes[0].plot(steps, [m["nce_loss"] for m in pre], label="contrastive loss")
         axes[0].set_title("pre-training losses")
         axes[1].plot(steps, [m["mlm_acc"] for m in pre], label="masked-token accuracy")
+        moving = [(m["step"], m["mlm_acc_moving"]) for m in pre if "mlm_acc_moving" in m]
+        if moving:
+            axes[1].plot(*zip(*moving, strict=True), label="masked-token accuracy, moving codes")
         axes[1].plot(steps, [m["nce_acc"] for m in pre], label="contrastive accuracy")
         axes[1].set_title("pre-training accuracies")
     for name, rows in fts.items():

@@ -106,8 +106,12 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> tuple[Tensor, T
     return (loss_a + loss_b) * temperature, accuracy
 
 
+COUNTS = ("mlm_moving_hits", "mlm_moving")  # summed over micro-batches, not averaged
+
+
 def pretrain_loss(outputs: dict[str, Tensor], targets: Tensor, *, mlm_weight: float = 1.0,
-                  alpha: float = 1.0, temperature: float = 0.2) -> dict[str, Tensor]:
+                  alpha: float = 1.0, temperature: float = 0.2,
+                  moving: Tensor | None = None) -> dict[str, Tensor]:
     """Total pre-training loss L = mlm_weight * L_mask + alpha * NT-Xent (eq. 6).
 
     ``outputs`` is :class:`~vimpac.pretrain.model.VimpacPretrainModel`'s dict: ``mlm_logits``
@@ -115,6 +119,11 @@ def pretrain_loss(outputs: dict[str, Tensor], targets: Tensor, *, mlm_weight: fl
     [N, 2, T, H, W] as ``x.transpose(0, 1).flatten(0, 1)``). ``targets`` [M] are the original
     tokens at the masked positions. Returns scalars ``loss``, ``mlm_loss``, ``mlm_acc``,
     ``nce_loss``, ``nce_acc`` (the last four detached).
+
+    ``moving`` [M] bool marks targets whose code differs from the same cell one frame earlier.
+    Copying the previous frame predicts every other target, so accuracy on these is the part
+    that needs motion; it is returned as counts ``mlm_moving_hits`` and ``mlm_moving`` (summed
+    over micro-batches, divided when logged: :func:`moving_accuracy`).
     """
     mlm_loss, mlm_acc = masked_token_loss(outputs["mlm_logits"], targets)
     proj = outputs["proj"]
@@ -123,5 +132,24 @@ def pretrain_loss(outputs: dict[str, Tensor], targets: Tensor, *, mlm_weight: fl
     z1, z2 = proj.chunk(2, dim=0)
     nce_loss, nce_acc = nt_xent(z1, z2, temperature)
     total = mlm_weight * mlm_loss + alpha * nce_loss
-    return {"loss": total, "mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc,
-            "nce_loss": nce_loss.detach(), "nce_acc": nce_acc}
+    out = {"loss": total, "mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc,
+           "nce_loss": nce_loss.detach(), "nce_acc": nce_acc}
+    if moving is not None:
+        hits = outputs["mlm_logits"].detach().argmax(dim=-1) == targets
+        out["mlm_moving_hits"] = (hits & moving).sum().float()
+        out["mlm_moving"] = moving.sum().float()
+    return out
+
+
+def changed_from_previous_frame(tokens: Tensor) -> Tensor:
+    """tokens [N,T,H,W] -> bool [N,T,H,W]: the code differs from the same cell at t-1 (t=0: False)."""
+    changed = torch.zeros_like(tokens, dtype=torch.bool)
+    changed[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
+    return changed
+
+
+def moving_accuracy(values: dict[str, float]) -> None:
+    """Replace the summed counts by ``mlm_acc_moving`` (absent when no moving target was masked)."""
+    hits, total = values.pop("mlm_moving_hits", 0.0), values.pop("mlm_moving", 0.0)
+    if total > 0:
+        values["mlm_acc_moving"] = hits / total

@@ -38,7 +38,8 @@ from vimpac.common.training import (
 )
 from vimpac.pretrain.data import ClipStream, StreamSpec, open_archives
 from vimpac.pretrain.export import load_pretrained, save_pretrained
-from vimpac.pretrain.losses import pretrain_loss
+from vimpac.pretrain.losses import (COUNTS, changed_from_previous_frame, moving_accuracy,
+                                     pretrain_loss)
 from vimpac.pretrain.masking import apply_mask, block_mask, default_num_blocks, iid_mask
 from vimpac.pretrain.model import PRESETS, ModelConfig, VimpacPretrainModel, to_sync_batchnorm
 
@@ -154,7 +155,8 @@ def micro_step(model: nn.Module, batch: torch.Tensor, cfg: PretrainConfig, plan:
     with autocast_context(cfg.precision, dist.device):
         outputs = model(inputs, mask)
         losses = pretrain_loss(outputs, tokens[mask], mlm_weight=cfg.mlm_weight,
-                               alpha=cfg.contrastive_weight, temperature=cfg.temperature)
+                               alpha=cfg.contrastive_weight, temperature=cfg.temperature,
+                               moving=changed_from_previous_frame(tokens)[mask])
     return losses
 
 
@@ -176,7 +178,8 @@ def train_update(model: nn.Module, batches: Any, optimizer: Any, scheduler: Any,
                                 mask_generator(cfg, dist, step, micro))
             (losses["loss"] / plan.accumulation).backward()
         for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float() / plan.accumulation
+            share = 1.0 if key in COUNTS else 1.0 / plan.accumulation  # counts add up
+            sums[key] = sums.get(key, 0.0) + value.detach().float() * share
     if cfg.grad_clip > 0:
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
@@ -301,6 +304,7 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
         clips += 2 * plan.micro_batch * plan.accumulation * dist.world
         if step % cfg.log_every == 0 or step == end:
             values = {k: float(v) for k, v in tensors.items()}      # the one sync per log line
+            moving_accuracy(values)
             check_finite(values, step)
             elapsed = time.perf_counter() - tick
             values.update(lr=scheduler.get_last_lr()[0], clips_per_s=clips / max(elapsed, 1e-9))
