@@ -142,7 +142,7 @@ def pretrain_loss(outputs: dict[str, Tensor], targets: Tensor, *, mlm_weight: fl
 
 
 def changed_from_previous_frame(tokens: Tensor) -> Tensor:
-    """tokens [N,T,H,W] -> bool [N,T,H,W]: the code differs from the same cell at t-1 (t=0: False)."""
+    """tokens [N,T,H,W] -> bool [N,T,H,W]: code differs from the same cell at t-1 (t=0: False)."""
     changed = torch.zeros_like(tokens, dtype=torch.bool)
     changed[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
     return changed

@@ -38,8 +38,12 @@ from vimpac.common.training import (
 )
 from vimpac.pretrain.data import ClipStream, StreamSpec, open_archives
 from vimpac.pretrain.export import load_pretrained, save_pretrained
-from vimpac.pretrain.losses import (COUNTS, changed_from_previous_frame, moving_accuracy,
-                                     pretrain_loss)
+from vimpac.pretrain.losses import (
+    COUNTS,
+    changed_from_previous_frame,
+    moving_accuracy,
+    pretrain_loss,
+)
 from vimpac.pretrain.masking import apply_mask, block_mask, default_num_blocks, iid_mask
 from vimpac.pretrain.model import PRESETS, ModelConfig, VimpacPretrainModel, to_sync_batchnorm
 
