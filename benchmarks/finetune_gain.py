@@ -33,11 +33,18 @@ def measure(pipeline: str, config: str | None, runs: str, layouts: list[str],
             outcomes = {o.name: o for o in run_pipeline(cfg, runs)}
             pre = outcomes["evaluate"].result["top1"]
             scratch = outcomes["evaluate-scratch"].result["top1"]
+            pretrain = outcomes["pretrain"].result if "pretrain" in outcomes else {}
             rows.append({"layout": layout, "seed": seed, "pretrained_top1": pre,
                          "scratch_top1": scratch, "gain_points": 100 * (pre - scratch),
+                         # last logged batch of pre-training: does MLM follow motion at all?
+                         "pretrain_mlm_acc": pretrain.get("mlm_acc"),
+                         "pretrain_mlm_acc_moving": pretrain.get("mlm_acc_moving"),
                          "seconds": time.perf_counter() - start})
+            moving = pretrain.get("mlm_acc_moving")
             print(f"{layout:7s} seed {seed}: pre-trained {pre:6.1%}  scratch {scratch:6.1%}  "
-                  f"gain {100 * (pre - scratch):+5.1f} points", flush=True)
+                  f"gain {100 * (pre - scratch):+5.1f} points  (pre-training mlm_acc "
+                  f"{pretrain.get('mlm_acc', float('nan')):.2f}, on moving codes "
+                  f"{float('nan') if moving is None else moving:.2f})", flush=True)
     summary = {}
     for layout in layouts:
         gains = [r["gain_points"] for r in rows if r["layout"] == layout]
