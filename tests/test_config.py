@@ -73,6 +73,11 @@ def test_overrides_are_type_checked(tmp_path):
         load_pipeline("p", path, ["steps"])
     with pytest.raises(ConfigError, match=r"data.synth_travel = \[0.8, 0.2\]: expected \[low"):
         load_pipeline("p", path, ["data.synth_travel=[0.8, 0.2]"])
+    assert load_pipeline("p", path, ["data.synth_classes=[still, pan]"]).data.synth_classes == [
+        "still", "pan"]
+    with pytest.raises(ConfigError, match=r"data.synth_classes = \['still', 'jump'\]: expected "
+                                          r"2 or more distinct names from \['approach'"):
+        load_pipeline("p", path, ["data.synth_classes=[still, jump]"])
 
 
 def test_invalid_yaml_and_unknown_pipeline(tmp_path):

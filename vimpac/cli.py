@@ -242,12 +242,9 @@ def synth(ctx: Context, out_dir: str) -> None:
 
 
 def synth_spec(config: PipelineConfig) -> Any:
-    from vimpac.common.synth import SynthSpec
+    from vimpac.common.synth import spec_from_config
 
-    d = config.data
-    return SynthSpec(seed=d.synth_seed, train_per_class=d.synth_train_per_class,
-                     val_per_class=d.synth_val_per_class, width=d.synth_size,
-                     height=d.synth_size, uncurated_videos=d.synth_uncurated_videos)
+    return spec_from_config(config.data)
 
 
 # --------------------------------------------------------------------------------------- tokenizer

@@ -183,14 +183,9 @@ StageFn = Callable[[RunContext, Stage], dict[str, Any]]
 
 
 def stage_data(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    from vimpac.common.synth import SynthSpec, write_corpus
+    from vimpac.common.synth import spec_from_config, write_corpus
 
-    d = ctx.config.data
-    spec = SynthSpec(seed=d.synth_seed, train_per_class=d.synth_train_per_class,
-                     val_per_class=d.synth_val_per_class, width=d.synth_size,
-                     height=d.synth_size, uncurated_videos=d.synth_uncurated_videos,
-                     background_contrast=tuple(d.synth_background_contrast),
-                     travel=tuple(d.synth_travel), camera_drift=d.synth_camera_drift)
+    spec = spec_from_config(ctx.config.data)
     return {"corpus": write_corpus(stage.path / "corpus", spec, progress=ctx.progress)["counts"]}
 
 

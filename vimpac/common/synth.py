@@ -152,6 +152,16 @@ def validate_spec(spec: SynthSpec) -> None:
         raise bad("layouts", f"unknown {extra}; known: {list(LAYOUTS)}")
 
 
+def spec_from_config(d: Any) -> SynthSpec:
+    """The corpus a pipeline's ``data`` section describes (a DataConfig)."""
+    return SynthSpec(seed=d.synth_seed, classes=tuple(d.synth_classes),
+                     train_per_class=d.synth_train_per_class,
+                     val_per_class=d.synth_val_per_class, width=d.synth_size,
+                     height=d.synth_size, uncurated_videos=d.synth_uncurated_videos,
+                     background_contrast=tuple(d.synth_background_contrast),
+                     travel=tuple(d.synth_travel), camera_drift=d.synth_camera_drift)
+
+
 def spec_to_json(spec: SynthSpec) -> dict[str, Any]:
     """The spec as plain JSON types (tuples become lists), for corpus.json."""
     return json.loads(json.dumps(dataclasses.asdict(spec)))
