@@ -58,13 +58,26 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
         r = names["pretrain"].result()
         for key in ("step", "mlm_acc", "mlm_acc_moving", "nce_acc", "mlm_loss", "nce_loss"):
             add("pretrain", key, r.get(key))
+    evaluated = {}
     for variant in ("evaluate", "evaluate-scratch"):
         if variant in names and names[variant].done():
-            r = names[variant].result()
+            r = evaluated[variant] = names[variant].result()
             label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
             add(label, "top-1 (multi-view)", r.get("top1"), "{:.1%}")
             add(label, "top-5 (multi-view)", r.get("top5"), "{:.1%}")
+    if len(evaluated) == 2 and None not in (r.get("top1") for r in evaluated.values()):
+        gain = evaluated["evaluate"]["top1"] - evaluated["evaluate-scratch"]["top1"]
+        add("pre-trained - scratch", "top-1 gain", f"{100 * gain:+.1f} points")
+    chance = _chance(evaluated.values())
+    add("chance (1 / classes)", "top-1", chance, "{:.1%}")
     return rows
+
+
+def _chance(results: Any) -> float | None:
+    for r in results:
+        if r.get("per_class"):
+            return 1.0 / len(r["per_class"])
+    return None
 
 
 def plot_curves(ctx: RunContext, out: Path) -> Path | None:
@@ -100,16 +113,21 @@ def plot_curves(ctx: RunContext, out: Path) -> Path | None:
 
 
 def plot_comparison(ctx: RunContext, out: Path) -> Path | None:
-    values = {}
+    values, results = {}, []
     for name, label in (("evaluate", "pre-trained"), ("evaluate-scratch", "scratch")):
         if name in ctx.stages and ctx.stages[name].done():
-            values[label] = ctx.stages[name].result().get("top1")
+            results.append(ctx.stages[name].result())
+            values[label] = results[-1].get("top1")
     if len(values) < 2 or None in values.values():
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 3.2))
     bars = ax.bar(list(values), [100 * v for v in values.values()], color=["#2a7", "#999"])
     ax.bar_label(bars, fmt="%.1f")
+    chance = _chance(results)
+    if chance is not None:
+        ax.axhline(100 * chance, color="#c33", linestyle="--", linewidth=1)
+        ax.text(1.45, 100 * chance, "chance", color="#c33", va="bottom", ha="right", fontsize=8)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("fine-tuning: pre-trained vs scratch")
     return _save(plt, fig, out / "comparison.png")

@@ -1,0 +1,61 @@
+"""The run report: what its results table says about pre-trained vs scratch."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vimpac.report import plot_comparison, results_table
+
+
+@dataclass
+class FakeStage:
+    path: Path
+    outcome: dict = field(default_factory=dict)
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> dict:
+        return self.outcome
+
+
+@dataclass
+class FakeContext:
+    stages: dict
+
+    def path(self, name: str) -> Path:
+        return self.stages[name].path
+
+
+def evaluated(tmp_path, pre, scratch, classes=5):
+    per_class = [0.5] * classes
+    return FakeContext({
+        "evaluate": FakeStage(tmp_path, {"top1": pre, "top5": 1.0, "per_class": per_class}),
+        "evaluate-scratch": FakeStage(tmp_path, {"top1": scratch, "top5": 1.0,
+                                                 "per_class": per_class})})
+
+
+def test_table_states_the_gain_and_chance(tmp_path):
+    rows = results_table(evaluated(tmp_path, 0.4, 0.275))
+    assert ("fine-tuned from pre-training", "top-1 (multi-view)", "40.0%") in rows
+    assert ("from scratch", "top-1 (multi-view)", "27.5%") in rows
+    assert ("pre-trained - scratch", "top-1 gain", "+12.5 points") in rows
+    assert ("chance (1 / classes)", "top-1", "20.0%") in rows
+
+
+def test_scratch_ahead_shows_a_negative_gain(tmp_path):
+    rows = results_table(evaluated(tmp_path, 0.2, 0.25, classes=8))
+    assert ("pre-trained - scratch", "top-1 gain", "-5.0 points") in rows
+    assert ("chance (1 / classes)", "top-1", "12.5%") in rows
+
+
+def test_one_arm_has_no_gain_row(tmp_path):
+    ctx = evaluated(tmp_path, 0.4, 0.3)
+    del ctx.stages["evaluate-scratch"]
+    rows = results_table(ctx)
+    assert not any(figure == "top-1 gain" for _, figure, _ in rows)
+    assert plot_comparison(ctx, tmp_path) is None
+
+
+def test_comparison_png_is_written(tmp_path):
+    png = plot_comparison(evaluated(tmp_path, 0.4, 0.275), tmp_path)
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
