@@ -5,8 +5,8 @@ Runs the ``demo`` pipeline (or ``--pipeline``) once per (layout, seed): seed s s
 ``pretrain.seed`` and ``finetune.seed`` (``--fixed-pretraining``: fine-tuning only), the token
 archives and each seed's pre-training are shared through the pipeline cache, and each seed
 fine-tunes the pre-trained model and the same model from scratch with the same budget. Also
-probes the frozen pre-trained CLS features (k-NN and linear, once per layout): whether
-pre-training alone put the class into the features. Prints a table and writes JSON. Target
+probes each pre-trained backbone's frozen CLS features (k-NN and linear): whether pre-training
+alone put the class into the features. Prints a table and writes JSON. Target
 (issue 6): pre-trained ahead by >= 10 points top-1 on average.
 
     python -m benchmarks.finetune_gain --runs runs --out bench-out/finetune_gain.json

@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from vimpac.common.synth import DEFAULT_CLASSES, MOTIONS
+
 PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
 
@@ -56,9 +58,8 @@ class DataConfig:
         [0.4, 0.62], "synthetic move_* distance range [low, high], fraction of the frame side")
     synth_camera_drift: float = param(0.1, "synthetic largest background drift over a clip, "
                                            "fraction of the frame side", ge=0, le=1)
-    synth_classes: list[str] = param(
-        ["move_left", "move_right", "move_up", "move_down", "approach", "recede", "rotate_cw",
-         "rotate_ccw"], "synthetic motion classes of the labelled task, in label order")
+    synth_classes: list[str] = param(list(DEFAULT_CLASSES), "synthetic motion classes of the "
+                                     "labelled task, in label order")
     synth_layout: str = param("ucf101", "layout the synthetic labelled task is read from",
                               choices=("ucf101", "ssv2", "list"))
     pretrain_inputs: list[str] = param([], "videos, folders or list files for pre-training "
@@ -464,10 +465,8 @@ def check_consistency(config: PipelineConfig, where: _Where) -> None:
         if len(pair) != 2 or not 0.0 <= pair[0] <= pair[1] <= 1.0:
             raise where.error(f"data.{key}", pair,
                               "expected [low, high] with 0 <= low <= high <= 1")
-    classes = config.data.synth_classes
     if config.data.synthetic:
-        from vimpac.common.synth import MOTIONS
-
+        classes = config.data.synth_classes
         unknown = [c for c in classes if c not in MOTIONS]
         if len(classes) < 2 or len(set(classes)) != len(classes) or unknown:
             raise where.error("data.synth_classes", classes,
