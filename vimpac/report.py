@@ -58,23 +58,32 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
         r = names["pretrain"].result()
         for key in ("step", "mlm_acc", "mlm_acc_moving", "nce_acc", "mlm_loss", "nce_loss"):
             add("pretrain", key, r.get(key))
-    evaluated = {}
-    for variant in ("evaluate", "evaluate-scratch"):
-        if variant in names and names[variant].done():
-            r = evaluated[variant] = names[variant].result()
-            label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
-            add(label, "top-1 (multi-view)", r.get("top1"), "{:.1%}")
-            add(label, "top-5 (multi-view)", r.get("top5"), "{:.1%}")
-    if len(evaluated) == 2 and None not in (r.get("top1") for r in evaluated.values()):
-        gain = evaluated["evaluate"]["top1"] - evaluated["evaluate-scratch"]["top1"]
-        add("pre-trained - scratch", "top-1 gain", f"{100 * gain:+.1f} points")
-    chance = _chance(evaluated.values())
-    add("chance (1 / classes)", "top-1", chance, "{:.1%}")
+    evaluated = _evaluations(ctx)
+    for variant, r in evaluated.items():
+        label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
+        add(label, "top-1 (multi-view)", r.get("top1"), "{:.1%}")
+        add(label, "top-5 (multi-view)", r.get("top5"), "{:.1%}")
+    top1 = _both_top1(evaluated)
+    if top1:
+        add("pre-trained - scratch", "top-1 gain", f"{100 * (top1[0] - top1[1]):+.1f} points")
+    add("chance (1 / classes)", "top-1", _chance(evaluated), "{:.1%}")
     return rows
 
 
-def _chance(results: Any) -> float | None:
-    for r in results:
+def _evaluations(ctx: RunContext) -> dict[str, dict[str, Any]]:
+    """Results of the evaluate stages that are done, pre-trained first, then scratch."""
+    return {name: ctx.stages[name].result() for name in ("evaluate", "evaluate-scratch")
+            if name in ctx.stages and ctx.stages[name].done()}
+
+
+def _both_top1(evaluated: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
+    """(pre-trained, scratch) top-1 when both arms were evaluated."""
+    top1 = [evaluated.get(name, {}).get("top1") for name in ("evaluate", "evaluate-scratch")]
+    return None if None in top1 else (top1[0], top1[1])
+
+
+def _chance(evaluated: dict[str, dict[str, Any]]) -> float | None:
+    for r in evaluated.values():
         if r.get("per_class"):
             return 1.0 / len(r["per_class"])
     return None
@@ -113,18 +122,15 @@ def plot_curves(ctx: RunContext, out: Path) -> Path | None:
 
 
 def plot_comparison(ctx: RunContext, out: Path) -> Path | None:
-    values, results = {}, []
-    for name, label in (("evaluate", "pre-trained"), ("evaluate-scratch", "scratch")):
-        if name in ctx.stages and ctx.stages[name].done():
-            results.append(ctx.stages[name].result())
-            values[label] = results[-1].get("top1")
-    if len(values) < 2 or None in values.values():
+    evaluated = _evaluations(ctx)
+    top1 = _both_top1(evaluated)
+    if not top1:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 3.2))
-    bars = ax.bar(list(values), [100 * v for v in values.values()], color=["#2a7", "#999"])
+    bars = ax.bar(["pre-trained", "scratch"], [100 * v for v in top1], color=["#2a7", "#999"])
     ax.bar_label(bars, fmt="%.1f")
-    chance = _chance(results)
+    chance = _chance(evaluated)
     if chance is not None:
         ax.axhline(100 * chance, color="#c33", linestyle="--", linewidth=1)
         ax.text(1.45, 100 * chance, "chance", color="#c33", va="bottom", ha="right", fontsize=8)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from vimpac.common.synth import DEFAULT_CLASSES, MOTIONS
+from vimpac.common.synth import DEFAULT_CLASSES, classes_problem
 
 PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
@@ -465,12 +465,9 @@ def check_consistency(config: PipelineConfig, where: _Where) -> None:
         if len(pair) != 2 or not 0.0 <= pair[0] <= pair[1] <= 1.0:
             raise where.error(f"data.{key}", pair,
                               "expected [low, high] with 0 <= low <= high <= 1")
-    if config.data.synthetic:
-        classes = config.data.synth_classes
-        unknown = [c for c in classes if c not in MOTIONS]
-        if len(classes) < 2 or len(set(classes)) != len(classes) or unknown:
-            raise where.error("data.synth_classes", classes,
-                              f"expected 2 or more distinct names from {sorted(MOTIONS)}")
+    why = classes_problem(config.data.synth_classes, minimum=2)
+    if config.data.synthetic and why:
+        raise where.error("data.synth_classes", config.data.synth_classes, why)
     tk = config.tokenize
     if tk.size > tk.shorter_side:
         raise where.error("tokenize.size", tk.size,

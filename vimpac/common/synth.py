@@ -117,16 +117,22 @@ class Scene:
     camera_drift: float = 0.1
 
 
+def classes_problem(classes: Sequence[str], minimum: int = 1) -> str | None:
+    """Why ``classes`` cannot be a corpus's motion classes, or None when they can."""
+    if (len(classes) < minimum or len(set(classes)) != len(classes)
+            or any(c not in MOTIONS for c in classes)):
+        return f"expected {minimum} or more distinct names from {sorted(MOTIONS)}"
+    return None
+
+
 def validate_spec(spec: SynthSpec) -> None:
     """Raise ValueError naming the field and value of the first invalid setting."""
     def bad(field: str, why: str) -> ValueError:
         return ValueError(f"SynthSpec.{field}={getattr(spec, field)!r}: {why}")
 
-    if not spec.classes or len(set(spec.classes)) != len(spec.classes):
-        raise bad("classes", "must be a non-empty list of distinct names")
-    unknown = [c for c in spec.classes if c not in MOTIONS]
-    if unknown:
-        raise bad("classes", f"unknown {unknown}; known: {sorted(MOTIONS)}")
+    why = classes_problem(spec.classes)
+    if why:
+        raise bad("classes", why)
     for field in ("train_per_class", "val_per_class"):
         if getattr(spec, field) < 1:
             raise bad(field, "must be >= 1")
