@@ -42,7 +42,7 @@ def make_videos(folder: Path, scale: Scale) -> list[Path]:
                 shutil.copyfile(src, dst)
             paths.append(dst)
     if scale.uncurated_videos:
-        from vimpac.common.synth import SynthSpec, write_corpus
+        from vimpac.data.synth import SynthSpec, write_corpus
 
         corpus = folder.parent / "synth"
         write_corpus(corpus, SynthSpec(seed=0, layouts=(), uncurated_videos=scale.uncurated_videos,
@@ -70,7 +70,7 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
                         chunk_frames: int | None = None) -> Path:
     """A token archive written through the archive writer, no decoding: spatially smooth ids
     (neighbouring tokens often repeat, as real token maps do) at ``grid`` x ``grid``."""
-    from vimpac.common.archive import ArchiveSettings, VideoRecord, make_views, write_archive
+    from vimpac.archive import ArchiveSettings, VideoRecord, make_views, write_archive
     from vimpac.common.config import TokenizeConfig
 
     if (root / "manifests").is_dir():

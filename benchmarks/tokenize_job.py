@@ -181,7 +181,7 @@ def _job_figures(kind: str, t: dict[str, list[float]], src_frames: int, out_fram
 
 
 def _size_figures(archive: Path, summary: object, src_bytes: int) -> list:
-    from vimpac.common.archive import Archive
+    from vimpac.archive import Archive
 
     arch = Archive(archive)
     h, w = arch.settings.grid

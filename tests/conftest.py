@@ -56,7 +56,7 @@ def write_token_archive(root, *, videos=12, frames=(3, 12), grid=8, codebook=64,
     """A token archive of random ids written straight through the archive writer."""
     import numpy as np
 
-    from vimpac.common.archive import ArchiveSettings, VideoRecord, make_views, write_archive
+    from vimpac.archive import ArchiveSettings, VideoRecord, make_views, write_archive
 
     views = views or make_views([1.0], ["center"], False)
     settings = ArchiveSettings(fingerprint, codebook, (grid, grid), 4.0, grid * 8, grid * 8,

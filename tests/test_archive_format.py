@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import write_token_archive
 
-from vimpac.common.archive import Archive, ArchiveError, parse_wds_bytes
+from vimpac.archive import Archive, ArchiveError
+from vimpac.archive.formats.wds import parse_wds_bytes
 
 
 def _reference(data: bytes) -> list[tuple[dict, np.ndarray]]:

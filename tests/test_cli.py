@@ -22,7 +22,7 @@ def test_doctor_reports_ffmpeg_and_torch(cli_runner):
 def test_stage_errors_inside_run_are_one_line(cli_runner, tmp_path, monkeypatch):
     """An archive problem raised deep inside `vimpac run` ends as one line, exit 2."""
     import vimpac.pipeline as pipeline
-    from vimpac.common.archive import ArchiveError
+    from vimpac.archive import ArchiveError
 
     def broken(ctx, stage):
         raise ArchiveError(f"{tmp_path}/archive: too few videos for a batch")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vimpac.finetune.datasets import (
+from vimpac.data.datasets import (
     DATASETS,
     DatasetError,
     DatasetIndex,
@@ -429,7 +429,7 @@ def test_list_absolute_and_parent_paths_and_case(tmp_path: Path, list_root: Path
 
 
 def test_synthetic_corpus_layouts_read_back(tmp_path: Path) -> None:
-    synth = pytest.importorskip("vimpac.common.synth")
+    synth = pytest.importorskip("vimpac.data.synth")
     spec = synth.SynthSpec(classes=("move_left", "move_right"), train_per_class=2, val_per_class=1,
                            width=32, height=32, clip_seconds=0.5, clip_fps=4, uncurated_videos=0)
     summary = synth.write_corpus(tmp_path / "corpus", spec)

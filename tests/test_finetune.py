@@ -18,16 +18,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vimpac.common.archive import (
+from vimpac.archive import (
     ArchiveError,
     ArchiveSettings,
-    ManifestPart,
-    ShardWriter,
     VideoRecord,
     View,
     make_views,
-    save_part,
-    shard_name,
+    write_archive,
 )
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
 from vimpac.common.config import EvaluateConfig, FinetuneConfig
@@ -90,21 +87,18 @@ def make_archive(root: Path, *, n_train: int = 24, n_val: int = 12, grid: tuple[
         tokenizer_fingerprint=fingerprint, codebook_size=CODEBOOK, grid=grid, fps=4.0,
         shorter_side=32, size=32, views=make_views([1.0], list(crops), False), formats=["zarr"],
         dataset=dataset if labelled else None)
-    part = ManifestPart(settings=settings, complete=True)
     specs = [("train", i) for i in range(n_train)] + [("val", i) for i in range(n_val)]
-    for seq, first in enumerate(range(0, len(specs), 16)):
-        writer = ShardWriter(root, shard_name(0, seq), settings, chunk_frames=16)
-        for split, i in specs[first:first + 16]:
+
+    def videos():
+        for split, i in specs:
             length = int(rng.integers(lengths[0], lengths[1] + 1))
             video_seed = int(rng.integers(1 << 30))
             tokens = {v.name: motion_video(np.random.default_rng(video_seed), length, i % 2, grid,
                                            SHIFT[v.crop]) for v in settings.views}
-            record = VideoRecord(key=f"{split}/{i:03d}", source=f"{split}/{i:03d}.mp4", size=0,
-                                 mtime=0.0, label=i % 2, splits=[split])
-            writer.add(record, tokens)
-            part.videos[record.key] = record
-        part.shards.append(writer.commit())
-    save_part(root, part)
+            yield VideoRecord(key=f"{split}/{i:03d}", source=f"{split}/{i:03d}.mp4", size=0,
+                              mtime=0.0, label=i % 2, splits=[split]), tokens
+
+    write_archive(root, settings, videos(), videos_per_shard=16, chunk_frames=16)
     return root
 
 
@@ -245,7 +239,7 @@ def test_finetune_from_scratch_learns(finetuned):
 def test_pretrained_init_loads_backbone_only_classifier_missing(archive, tmp_path, test_preset):
     init = pretrained_file(tmp_path / "pretrained.pt")
     saved = load_checkpoint(init)["backbone"]
-    from vimpac.common.archive import Archive
+    from vimpac.archive import Archive
 
     settings = Archive(archive).settings
     model = build_model(settings, 2, CFG, str(init), test_preset, archive)
@@ -270,7 +264,7 @@ def test_positions_interpolated_when_grid_and_frames_differ(archive, tmp_path, t
     small = dataclasses.replace(SMALL, frames=3, height=2, width=2)
     init = pretrained_file(tmp_path / "pretrained.pt", config=small)
     saved = load_checkpoint(init)["backbone"]
-    from vimpac.common.archive import Archive
+    from vimpac.archive import Archive
 
     model = build_model(Archive(archive).settings, 2, CFG, str(init), test_preset, archive)
     assert model.backbone.pos_t.shape == (4, 32) and model.backbone.pos_h.shape == (4, 32)

@@ -16,9 +16,9 @@ import torch
 from conftest import make_test_video, write_token_archive
 from torch.utils.data import DataLoader
 
+from vimpac.archive import Archive, ArchiveError, ChecksumError, read_tokens, verify
 from vimpac.cli import cli
 from vimpac.common import storage
-from vimpac.common.archive import Archive, ArchiveError, ChecksumError, read_tokens, verify
 from vimpac.common.config import PretrainConfig, TokenizeConfig
 from vimpac.common.storage import StorageError, location, redact
 from vimpac.finetune.data import TrainClips, worker_context
@@ -144,7 +144,7 @@ def test_missing_object_and_unreachable_store_name_the_object(s3, monkeypatch, c
     name = archive.shard_names()[1]
     s3fs.S3FileSystem().rm(f"{BUCKET}/archives/broken/wds/{name}.tar")
     with pytest.raises(ChecksumError, match=f"{url}/wds/{name}.tar: missing shard file"):
-        list(archive.read_wds(name))
+        archive.read_shard(name, "s1_center", "webdataset")
     assert f"{url}/wds/{name}.tar: missing shard file" in verify(url).problems[0]
 
     with socket.socket() as sock:                 # a port nobody listens on

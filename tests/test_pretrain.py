@@ -13,7 +13,7 @@ import torch
 from conftest import write_token_archive
 from torch.utils.data import DataLoader
 
-from vimpac.common.archive import ArchiveError
+from vimpac.archive import ArchiveError
 from vimpac.common.config import PretrainConfig
 from vimpac.pretrain.data import ClipStream, StreamSpec, sample_clip_pairs
 from vimpac.pretrain.train import PretrainError, run_pretrain
@@ -95,7 +95,7 @@ def test_clip_sampling_rules():
 
 def test_refuses_mixed_tokenizers_and_small_vocab(tmp_path, archive):
     other = write_token_archive(tmp_path / "other", fingerprint="another-tokenizer")
-    with pytest.raises(ArchiveError, match="different tokenizers"):
+    with pytest.raises(ArchiveError, match="other: tokenizer another-toke differs from .*arch"):
         ClipStream([archive, other], spec())
     big = write_token_archive(tmp_path / "big", codebook=1000)
     cfg = PretrainConfig(model="tiny", frames=5, grid=8, batch_size=4, micro_batch=4, steps=1,
@@ -157,24 +157,34 @@ def test_whole_shard_fast_read_equals_zarr(tmp_path, chunk_frames):
     """read_all decodes the writer's layout itself; it must give exactly what zarr gives."""
     import zarr
 
-    from vimpac.common.archive import Archive, ZarrShard
+    from vimpac.archive import FORMATS, Archive
+    from vimpac.archive.formats import ShardSource
+    from vimpac.archive.formats.zarr import ZarrShard
 
     root = write_token_archive(tmp_path / "a", videos=5, frames=(1, 13), per_shard=5)
     archive = Archive(root)
-    path = root / "zarr" / f"{archive.shard_names()[0]}.zarr"
+    name = archive.shard_names()[0]
+    path = root / "zarr" / f"{name}.zarr"
+    layout = dataclasses.replace(archive.layout(name, FORMATS["zarr"]),
+                                 views=("s1_center", "other", "plain"))
+
+    def open_shard() -> ZarrShard:      # the manifest of this test lists the two extra views
+        return ZarrShard(ShardSource(str(path), lambda key: (path / key).read_bytes(),
+                                     local=path), layout)
+
     group = zarr.open_group(str(path), mode="a")
     data = np.asarray(group["tokens/s1_center"][:])
     rewritten = group.create_array("tokens/other", shape=data.shape, dtype="uint16",
                                    chunks=(chunk_frames, 8, 8),
                                    shards=(chunk_frames * -(-len(data) // chunk_frames), 8, 8))
     rewritten[:] = data
-    shard = ZarrShard(path)
+    shard = open_shard()
     assert shard._offsets_direct() is not None and shard._group is None   # zarr never opened
     assert np.array_equal(shard.offsets, np.asarray(group["offsets"][:]))
     assert shard._read_all_direct("other") is not None
-    assert np.array_equal(shard.read_all("other"), data)
+    assert np.array_equal(shard.read_all("other")[0], data)
     plain = group.create_array("tokens/plain", shape=data.shape, dtype="uint16",
                                chunks=(3, 8, 8))             # no sharding: zarr reads it
     plain[:] = data
-    assert ZarrShard(path)._read_all_direct("plain") is None
-    assert np.array_equal(ZarrShard(path).read_all("plain"), data)
+    assert open_shard()._read_all_direct("plain") is None
+    assert np.array_equal(open_shard().read_all("plain")[0], data)

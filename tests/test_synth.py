@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vimpac.common.ffmpeg_exe import ffmpeg_exe
-from vimpac.common.synth import (
+from vimpac.data.synth import (
     DEFAULT_CLASSES,
     MOTIONS,
     SynthSpec,
@@ -312,7 +312,7 @@ def test_default_classes_are_motion_classes():
 
 
 def test_scene_controls_background_travel_and_drift():
-    from vimpac.common.synth import Scene
+    from vimpac.data.synth import Scene
 
     plain = Scene(background_contrast=(0.0, 0.0), travel=(0.7, 0.7), camera_drift=0.0)
     frames, mask, track, _ = render_clip_with_mask("move_right", np.random.default_rng(3), 12,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import make_test_video
 
-from vimpac.common.archive import Archive, read_tokens, read_wds_shard, verify
+from vimpac.archive import Archive, ChecksumError, read_tokens, verify
 from vimpac.common.config import TokenizeConfig
 from vimpac.common.video import decode_video
 from vimpac.tokenize.job import collect_inputs, decode_specs, run_tokenize, worker_of
@@ -85,7 +85,7 @@ def test_views_and_flip(corpus, tiny_tokenizer, tmp_path):
              hflip=True, scales=[1.0, 1.25])
     archive = Archive(tmp_path / "arch")
     assert len(archive.settings.views) == 8
-    shard = archive.open_zarr_shard(archive.entries[0].shard)
+    shard = archive.open_shard(archive.entries[0].shard, "zarr")
     views = {v: shard.read(0, v) for v in archive.settings.view_names}
     assert len({v.tobytes() for v in views.values()}) == 8     # every view differs
 
@@ -101,7 +101,7 @@ def test_multi_view_tokens_equal_each_view_decoded_alone(corpus, tiny_tokenizer,
     model = load_tokenizer(tiny_tokenizer)
     assert len(specs) == 12 and {e.key for e in archive.entries} == set(videos)
     for entry in archive.entries:
-        shard = archive.open_zarr_shard(entry.shard)
+        shard = archive.open_shard(entry.shard, "zarr")
         for name, spec in zip(archive.settings.view_names, specs, strict=True):
             alone = encode_frames(model, decode_video(videos[entry.key], spec), batch_size=32)
             np.testing.assert_array_equal(shard.read(entry.index, name), alone)
@@ -149,9 +149,8 @@ def test_verify_names_corrupt_shard(corpus, tiny_tokenizer, tmp_path):
     tar.write_bytes(bytes(data))
     report = verify(tmp_path / "arch")
     assert not report.ok and len(report.problems) == 1 and tar.name in report.problems[0]
-    with pytest.raises(Exception, match="checksum mismatch"):
-        list(read_wds_shard(tar, Archive(tmp_path / "arch").shards[tar.stem]
-                            .files["webdataset"][f"wds/{tar.name}"]))
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        Archive(tmp_path / "arch").read_shard(tar.stem, "s1_center", "webdataset")
 
 
 def test_other_settings_refused(corpus, tiny_tokenizer, tmp_path):

@@ -23,8 +23,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_test_video
 
+from vimpac.archive import Archive, read_tokens, verify
 from vimpac.cli import cli
-from vimpac.common.archive import Archive, read_tokens, verify
 from vimpac.common.config import TokenizeConfig
 from vimpac.common.ffmpeg_exe import ffmpeg_exe
 from vimpac.tokenize.job import run_tokenize

@@ -305,7 +305,7 @@ def test_sample_frames_decodes_and_skips_broken_videos(tmp_path):
 @pytest.mark.slow
 def test_tiny_tokenizer_on_synthetic_corpus_keeps_most_codes_in_use(tmp_path):
     """The demo's claim: a few CPU minutes of training keep over half of the codes in use."""
-    synth = pytest.importorskip("vimpac.common.synth")
+    synth = pytest.importorskip("vimpac.data.synth")
     synth.write_corpus(tmp_path / "corpus", synth.SynthSpec(layouts=("list",)))
     paths = sorted(str(p) for p in (tmp_path / "corpus").rglob("*")
                    if p.suffix in (".mp4", ".webm", ".avi"))

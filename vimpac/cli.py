@@ -146,9 +146,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Errors about the user's inputs, archives, checkpoints or plans (not bugs): one line."""
-    from vimpac.common.archive import ArchiveError
+    from vimpac.archive import ArchiveError
     from vimpac.common.video import VideoError
-    from vimpac.finetune.datasets import DatasetError
+    from vimpac.data.datasets import DatasetError
     from vimpac.pipeline import PipelineError
 
     classes: list[type] = [ArchiveError, VideoError, DatasetError, PipelineError]
@@ -232,7 +232,7 @@ def config_validate(ctx: Context) -> None:
 @handle_errors
 def synth(ctx: Context, out_dir: str) -> None:
     """Write the synthetic video corpus (labelled motion task + uncurated videos)."""
-    from vimpac.common.synth import write_corpus
+    from vimpac.data.synth import write_corpus
 
     spec = synth_spec(ctx.pipeline())
     with ctx.progress() as progress:
@@ -242,7 +242,7 @@ def synth(ctx: Context, out_dir: str) -> None:
 
 
 def synth_spec(config: PipelineConfig) -> Any:
-    from vimpac.common.synth import spec_from_config
+    from vimpac.data.synth import spec_from_config
 
     return spec_from_config(config.data)
 
@@ -390,20 +390,31 @@ def _print_tokenize_summary(summary: Any, out_dir: str) -> None:
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
+@click.option("--deep", is_flag=True,
+              help="also decode every shard and check it against the manifest (structure, "
+                   "grid, keys, token ids), as the readers do")
+@pass_ctx
 @handle_errors
-def verify(archive: str) -> None:
-    """Check an archive's shard checksums and manifest; name any corrupt shard."""
+def verify(ctx: Context, archive: str, deep: bool) -> None:
+    """Check an archive's manifest and shard checksums (--deep: every shard decoded and checked
+    too); name every problem."""
     from rich.markup import escape
 
-    from vimpac.common.archive import verify as verify_archive
+    from vimpac.archive import verify as verify_archive
     from vimpac.common.storage import location
 
     if not location(archive).is_dir():         # a URL that names nothing (local: click checks)
         raise UsageError(f"{archive}: no such archive folder")
-    report = verify_archive(archive)
+    with ctx.progress() as progress:
+        task = progress.task("verify" + (" --deep" if deep else ""), unit="shards")
+        report = verify_archive(archive, deep=deep,
+                                on_shard=lambda done, total: task.update(completed=done,
+                                                                         total=total))
+        task.close()
     for problem in report.problems:
         console.print(f"[red]corrupt:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
-    out.print(f"{report.shards_checked} shards, {report.files_checked} files checked: "
+    decoded = f", {report.videos_decoded} videos decoded" if deep else ""
+    out.print(f"{report.shards_checked} shards, {report.files_checked} files checked{decoded}: "
               + ("ok" if report.ok else f"{len(report.problems)} problem(s)"))
     if not report.ok:
         sys.exit(EXIT_SOME_FAILED)
@@ -419,7 +430,7 @@ def archive() -> None:
 @handle_errors
 def archive_merge(archive_dir: str) -> None:
     """Write ARCHIVE/manifest.json combining every worker's manifest part."""
-    from vimpac.common.archive import merge_manifests
+    from vimpac.archive import merge_manifests
 
     path = merge_manifests(archive_dir)
     out.print(f"merged manifest written to {path}")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vimpac.common.archive import atomic_write_json
 from vimpac.common.config import PipelineConfig, config_to_yaml
+from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ StageFn = Callable[[RunContext, Stage], dict[str, Any]]
 
 
 def stage_data(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    from vimpac.common.synth import spec_from_config, write_corpus
+    from vimpac.data.synth import spec_from_config, write_corpus
 
     spec = spec_from_config(ctx.config.data)
     return {"corpus": write_corpus(stage.path / "corpus", spec, progress=ctx.progress)["counts"]}

@@ -143,7 +143,7 @@ def plot_masks(ctx: RunContext, out: Path) -> Path | None:
     """The paper's block masks, drawn over real frames of a pre-training video."""
     import torch
 
-    from vimpac.common.archive import Archive
+    from vimpac.archive import Archive
     from vimpac.common.video import DecodeSpec, VideoError, decode_video
     from vimpac.pretrain.masking import block_mask, default_num_blocks
     from vimpac.tokenize.visualize import mask_overlay_png

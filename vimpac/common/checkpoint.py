@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vimpac.common.archive import atomic_open
+from vimpac.common.fileio import atomic_open
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 

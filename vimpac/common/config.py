@@ -2,7 +2,7 @@
 
 A ``pipelines.yaml`` holds named pipelines; each has sections ``data``, ``tokenizer``, ``tokenize``,
 ``pretrain``, ``finetune`` and ``evaluate``. A pipeline may ``extends:`` another, whose sections it
-deep-merges over. Defaults are the paper's (docs/vimpac-facts sections 1-6) unless a field says
+deep-merges over. Defaults are the paper's (Tan et al., App. B-C and Table 4) unless a field says
 otherwise.
 
 Validation lives here and only here: an unknown key, a wrong type or an out-of-range value raises
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from vimpac.common.synth import DEFAULT_CLASSES, classes_problem
+from vimpac.common.names import plain_name_problem
+from vimpac.data.synth import DEFAULT_CLASSES, classes_problem
 
 PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
@@ -233,7 +235,7 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
 
@@ -261,19 +263,23 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         raise TypeError
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT:
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_INT:
             return int(value)
         raise TypeError
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT:
             return float(value)
-        if isinstance(value, str):
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        if isinstance(value, str) and len(value) <= 64:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise TypeError from None
+            if math.isfinite(number):
+                return number
         raise TypeError
     if tp is str:
         if isinstance(value, str):
@@ -366,6 +372,63 @@ def default_config_path() -> Path:
     return local if local.is_file() else PACKAGED_CONFIG
 
 
+MAX_INT = 2**63 - 1                 # larger integers in a config are refused, not carried along
+MAX_YAML_VALUES = 100_000           # values a config may hold once its aliases are expanded
+MAX_YAML_BYTES = 16 << 20
+# libyaml's loader (when PyYAML has it) is fast and bounds nesting itself; both build only plain
+# values (no Python objects).
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML from untrusted text, safely: no Python objects (safe_load), and one ConfigError line
+    for syntax errors, nesting too deep for the parser, integers of thousands of digits, and
+    aliases that expand to more than :data:`MAX_YAML_VALUES` values ("billion laughs")."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters, more than a config may have")
+    try:
+        doc = yaml.load(text, Loader=SAFE_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        loc = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: invalid YAML{loc}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply to be a config") from None
+    except ValueError as exc:               # int("9" * 5000): Python refuses the conversion
+        raise ConfigError(f"{source}: a value is not usable: "
+                          f"{str(exc).splitlines()[0][:120]} (an integer too large?)") from None
+    _check_size(doc, source)
+    return doc
+
+
+def _check_size(doc: Any, source: str) -> None:
+    """Refuse documents whose aliases expand beyond :data:`MAX_YAML_VALUES` values, or loop."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:
+                raise ConfigError(f"{source}: YAML aliases refer to themselves")
+            return sizes[id(node)]
+        if depth > 100:
+            raise ConfigError(f"{source}: YAML nested too deeply to be a config")
+        sizes[id(node)] = -1
+        items = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node]
+        total = 1
+        for key, value in items:
+            total += size(key, depth + 1) + size(value, depth + 1)
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(f"{source}: YAML aliases expand to more than "
+                                  f"{MAX_YAML_VALUES} values; a config is much smaller")
+        sizes[id(node)] = total
+        return total
+
+    size(doc, 0)
+
+
 def read_pipelines(path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
     """Read and shape-check a pipelines.yaml; return (source name, {pipeline: raw mapping})."""
     path = Path(path) if path else default_config_path()
@@ -376,15 +439,14 @@ def read_pipelines(path: str | Path | None = None) -> tuple[str, dict[str, Any]]
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        loc = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: invalid YAML{loc}: {problem}") from None
+    doc = load_yaml(text, source)
     if not isinstance(doc, dict) or not isinstance(doc.get("pipelines"), dict):
         raise ConfigError(f"{source}: expected a top-level 'pipelines:' mapping of named pipelines")
+    for name in doc["pipelines"]:
+        why = plain_name_problem(name) if isinstance(name, str) else "expected a string"
+        if why:
+            raise ConfigError(f"{source}: pipeline name {name!r}: {why} (it names the report "
+                              "folder)")
     unknown = set(doc) - {"pipelines", "version"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key {sorted(unknown, key=str)[0]!r} "
@@ -430,8 +492,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if not section or not name or "." in name:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. pretrain.lr=3e-4")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(value_text, f"--set {text!r}") if value_text.strip() else ""
+    except ConfigError as exc:
+        if "invalid YAML" not in str(exc):
+            raise
         value = value_text
     return section, name, value
 

@@ -28,12 +28,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from vimpac.common.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,17 @@ class Location:
         """Replace ``rel`` with ``data`` atomically: readers see the old object or the new one."""
         raise NotImplementedError
 
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist, atomically; False if it
+        already exists. Object stores need a conditional PUT (S3 ``If-None-Match: *``); on a
+        store without one this is check-then-write (see :attr:`exclusive_create`)."""
+        raise NotImplementedError
+
+    @property
+    def exclusive_create(self) -> bool:
+        """Whether :meth:`create_bytes` is atomic against a concurrent creator."""
+        return True
+
     def put_tree(self, local_dir: Path, rel: str) -> None:
         """Copy the files under ``local_dir`` to ``rel``/..., each object complete."""
         raise NotImplementedError
@@ -135,38 +147,6 @@ class Location:
 
 
 # ------------------------------------------------------------------------------------------ local
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path) -> Iterator[Any]:
-    """A binary file that replaces ``path`` only when the block succeeds (temp, fsync, rename).
-
-    Readers see the old file or the new one, never a mix; on any error the temporary file is
-    removed and an OSError that names no file is made to name ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)        # a failed write() names no file: name the target
-        raise
-    fsync_dir(path.parent)
-
 
 class LocalLocation(Location):
     """A folder on a local (or network-mounted POSIX) file system."""
@@ -194,6 +174,19 @@ class LocalLocation(Location):
     def write_bytes(self, rel: str, data: bytes) -> None:
         with atomic_open(self.local_path(rel)) as fh:
             fh.write(data)
+
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        path = self.local_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path.with_name(f"{path.name}.new")) as fh:
+            fh.write(data)
+        try:                        # a hard link fails if the target exists: atomic, complete
+            os.link(path.with_name(f"{path.name}.new"), path)
+        except FileExistsError:
+            return False
+        finally:
+            path.with_name(f"{path.name}.new").unlink(missing_ok=True)
+        return True
 
     def put_tree(self, local_dir: Path, rel: str) -> None:
         target = self.local_path(rel)
@@ -315,6 +308,27 @@ class RemoteLocation(Location):
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with_retries(self.url(rel), "write", lambda: self.fs.pipe_file(self._p(rel), data))
+
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        def put() -> bool:
+            try:
+                self.fs.pipe_file(self._p(rel), data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as exc:          # a 412 not mapped to FileExistsError by the SDK
+                if "precondition" in str(exc).lower():
+                    return False
+                raise
+            return True
+        return with_retries(self.url(rel), "create", put)
+
+    @property
+    def exclusive_create(self) -> bool:
+        # S3 (s3fs) sends If-None-Match: *; the in-memory test store opens with "xb". Others
+        # fall back to fsspec's check-then-write.
+        protocols = self.fs.protocol
+        protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+        return bool(protocols & {"memory", "s3", "s3a"})
 
     def put_tree(self, local_dir: Path, rel: str) -> None:
         for file in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vimpac.common.archive import atomic_write_bytes
+from vimpac.common.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

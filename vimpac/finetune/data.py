@@ -22,7 +22,7 @@ flips pixels; training picks one stored view per sample, testing reads the scale
   (``evaluate.test_crops``), not here. A larger archive grid is cut to its centre window.
 
 Items are ``(tokens int64 tensor, label int)``; labels < 0 (unlabelled test sets) are skipped. Open
-zarr shards are cached per process (each DataLoader worker opens its own).
+shards are cached per process (each DataLoader worker opens its own).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vimpac.common.archive import Archive, ArchiveError, Entry, View, ZarrShard
+from vimpac.archive import Archive, ArchiveError, Entry, ShardReader, View
 from vimpac.pretrain.data import take_clip
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,6 @@ def open_archive(archive: Archive | str | Path) -> Archive:
 
 def labelled_entries(archive: Archive, split_tag: str) -> list[Entry]:
     """The labelled videos of split ``split_tag``; an empty split is an error naming the tags."""
-    if "zarr" not in archive.settings.formats:
-        raise ArchiveError(f"{archive.root}: fine-tuning reads the zarr format, this archive has "
-                           f"only {', '.join(archive.settings.formats)} (re-tokenize with zarr)")
     entries = [e for e in archive.entries_for_split(split_tag) if e.label >= 0]
     if not entries:
         known = sorted({t for e in archive.entries for t in e.splits})
@@ -104,30 +101,35 @@ def worker_context(archive: Archive, workers: int) -> str | None:
 
 
 class _ShardReader:
-    """Random access to an archive's videos with one open zarr shard per name per process.
+    """Random access to an archive's videos with one open shard per name per process, in the
+    archive's best random-access format (one that reads a clip without the whole shard); a
+    format without random access keeps its decoded shard in memory.
 
-    Shards of a remote archive live in memory once fetched, so at most ``REMOTE_OPEN_SHARDS``
-    are kept (least recently used first out); set ``VIMPAC_SHARD_CACHE`` to keep them on disk.
+    Shards held in memory (fetched from an object store, or of a format without random access)
+    are kept ``OPEN_IN_MEMORY`` at a time, least recently used first out; set
+    ``VIMPAC_SHARD_CACHE`` to keep fetched shards on disk.
     """
 
-    REMOTE_OPEN_SHARDS = 8
+    OPEN_IN_MEMORY = 8
 
     def __init__(self, archive: Archive | str | Path) -> None:
         self.archive = open_archive(archive)
-        self._shards: collections.OrderedDict[str, ZarrShard] = collections.OrderedDict()
+        self.format = self.archive.format(random_access=True)
+        self._shards: collections.OrderedDict[str, ShardReader] = collections.OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_shards"] = collections.OrderedDict()  # zarr handles reopen in each worker
+        state["_shards"] = collections.OrderedDict()  # shard readers reopen in each worker
         return state
 
-    def shard(self, name: str) -> ZarrShard:
+    def shard(self, name: str) -> ShardReader:
         if name in self._shards:
             self._shards.move_to_end(name)
             return self._shards[name]
-        if not self.archive.root.is_local and len(self._shards) >= self.REMOTE_OPEN_SHARDS:
+        in_memory = not self.archive.root.is_local or not self.format.random_access
+        if in_memory and len(self._shards) >= self.OPEN_IN_MEMORY:
             self._shards.popitem(last=False)
-        self._shards[name] = shard = self.archive.open_zarr_shard(name)
+        self._shards[name] = shard = self.archive.open_shard(name, self.format)
         return shard
 
     def read(self, entry: Entry, view: str, start: int = 0, stop: int | None = None) -> np.ndarray:

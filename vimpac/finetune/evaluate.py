@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from vimpac.common.archive import Archive, ArchiveError, atomic_write_json
+from vimpac.archive import Archive, ArchiveError
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
 from vimpac.common.config import EvaluateConfig
+from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import autocast_context
 from vimpac.finetune.data import TestClips, worker_context

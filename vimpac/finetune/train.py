@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from vimpac.common.archive import Archive, ArchiveError, ArchiveSettings, atomic_write_json
+from vimpac.archive import Archive, ArchiveError, ArchiveSettings
 from vimpac.common.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -56,10 +56,11 @@ from vimpac.common.checkpoint import (
 )
 from vimpac.common.config import FinetuneConfig
 from vimpac.common.distributed import DistInfo, cleanup, init_distributed
+from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import MetricsLog, autocast_context, param_groups, warmup_linear
+from vimpac.data.datasets import standard_splits
 from vimpac.finetune.data import ItemKey, TestClips, TrainClips, worker_context
-from vimpac.finetune.datasets import standard_splits
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBackbone
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vimpac.common.archive import Archive, ArchiveError, ChecksumError
+from vimpac.archive import Archive, ArchiveError, Format, ShardError, open_archives
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +53,12 @@ class StreamSpec:
     batch_size: int             # videos per batch (each gives two clips)
     pad_id: int
     seed: int = 0
-    fmt: str = "zarr"           # zarr | webdataset
+    fmt: str | None = None      # archive format to stream (None: the archive's first)
     view: str | None = None     # archive view to read (default: the first, unflipped centre)
     max_distance: int = 0       # max start distance of the two clips in token frames; 0 = any
     shuffle_buffer: int = 256
     on_corrupt: str = "stop"    # stop | skip
     prefetch: int = 2           # shards fetched ahead from remote archives (0: none)
-
-
-def open_archives(paths: list[str | Path], codebook_size: int | None = None) -> list[Archive]:
-    """Open archives that can be read together: same tokenizer, vocabulary and token grid."""
-    archives = [Archive(p) for p in paths]
-    first = archives[0].settings
-    for arch in archives[1:]:
-        if arch.settings.tokenizer_fingerprint != first.tokenizer_fingerprint:
-            raise ArchiveError(f"{arch.root}: tokenized with another tokenizer "
-                               f"({arch.settings.tokenizer_fingerprint[:12]}) than "
-                               f"{archives[0].root} ({first.tokenizer_fingerprint[:12]}): "
-                               "archives from different tokenizers cannot be mixed")
-        if arch.settings.grid != first.grid:
-            raise ArchiveError(f"{arch.root}: token grid {arch.settings.grid} differs from "
-                               f"{archives[0].root}'s {first.grid}")
-    if codebook_size is not None and first.codebook_size > codebook_size:
-        raise ArchiveError(f"{archives[0].root}: tokenizer vocabulary {first.codebook_size} does "
-                           f"not fit the model's codebook_size {codebook_size}")
-    return archives
 
 
 def list_shards(archives: list[Archive]) -> list[ShardRef]:
@@ -110,21 +91,6 @@ def videos_in_epoch(shards: list[ShardRef], seed: int, epoch: int, consumer: int
 
 
 # --------------------------------------------------------------------------------- reading shards
-
-def read_shard_flat(archive: Archive, name: str, fmt: str, view: str
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """All videos of one shard in one read: (uint16 [frames, H, W], int64 offsets [videos + 1]);
-    video i is ``flat[offsets[i]:offsets[i + 1]]``."""
-    if fmt == "zarr":
-        shard = archive.open_zarr_shard(name, verify=True)
-        return shard.read_all(view), np.asarray(shard.offsets, np.int64)
-    videos = [views[view] for _, views in archive.read_wds(name, [view])]
-    offsets = np.zeros(len(videos) + 1, np.int64)
-    np.cumsum([len(v) for v in videos], out=offsets[1:])
-    if not videos:
-        return np.zeros((0, 1, 1), np.uint16), offsets
-    return np.concatenate(videos, axis=0), offsets
-
 
 def take_clip(video: np.ndarray, start: int, frames: int, pad_id: int) -> np.ndarray:
     """Frames ``start:start+frames``, right-padded with [PAD] when the video is short."""
@@ -229,13 +195,12 @@ class ClipStream(IterableDataset):
         self.spec, self.rank, self.world, self.start_batch = spec, rank, world, start_batch
         self._archives: list[Archive] | None = open_archives(self.paths)  # fail early, here
         view = spec.view or self.archives[0].settings.view_names[0]
+        self.formats: list[Format] = []
         for arch in self.archives:
             if view not in arch.settings.view_names:
                 raise ArchiveError(f"{arch.root}: no view {view!r} (has "
                                    f"{', '.join(arch.settings.view_names)})")
-            if spec.fmt not in arch.settings.formats:
-                raise ArchiveError(f"{arch.root}: not written in {spec.fmt} format (has "
-                                   f"{', '.join(arch.settings.formats)})")
+            self.formats.append(arch.format(spec.fmt))
             h, w = arch.settings.grid
             if spec.grid > min(h, w):
                 raise ArchiveError(f"{arch.root}: token grid {h}x{w} is smaller than the "
@@ -298,7 +263,13 @@ class ClipStream(IterableDataset):
             if self.batches_per_epoch(consumer, consumers, epoch) == 0:
                 raise ArchiveError(f"{self.paths[0]}: too few videos for a batch of "
                                    f"{self.spec.batch_size} per consumer ({consumers} consumers)")
-            yield from self.epoch_batches(epoch, consumer, consumers)
+            produced = 0
+            for batch in self.epoch_batches(epoch, consumer, consumers):
+                produced += 1
+                yield batch
+            if not produced:              # with on_corrupt=skip, every shard was skipped
+                raise ArchiveError(f"{self.paths[0]}: every shard of this reader's epoch {epoch} "
+                                   "was skipped as corrupt (see the warnings): nothing to train on")
             epoch += 1
 
     def epoch_batches(self, epoch: int, consumer: int, consumers: int) -> Iterator[np.ndarray]:
@@ -330,7 +301,8 @@ class ClipStream(IterableDataset):
         fetched ``spec.prefetch`` ahead in a background thread (bounded memory: that many shards
         in flight); local ones are read when called."""
         def read(ref: ShardRef) -> tuple[np.ndarray, np.ndarray]:
-            return read_shard_flat(self.archives[ref.archive], ref.name, self.spec.fmt, self.view)
+            return self.archives[ref.archive].read_shard(ref.name, self.view,
+                                                         self.formats[ref.archive])
 
         shards = list(shards)
         remote = any(not self.archives[ref.archive].root.is_local for ref in shards)
@@ -355,7 +327,7 @@ class ClipStream(IterableDataset):
         for (_, mod, rem), read in zip(work, reads, strict=True):
             try:
                 flat, offsets = read()
-            except ChecksumError as exc:
+            except ShardError as exc:
                 if self.spec.on_corrupt == "stop":
                     raise
                 log.warning("skipping corrupt shard: %s", exc)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vimpac.common.archive import atomic_write_bytes
+from vimpac.archive import open_archives
 from vimpac.common.checkpoint import (
     CheckpointManager,
     load_checkpoint,
@@ -29,6 +29,7 @@ from vimpac.common.checkpoint import (
 )
 from vimpac.common.config import PretrainConfig, config_to_yaml
 from vimpac.common.distributed import DistInfo, cleanup, init_distributed
+from vimpac.common.fileio import atomic_write_bytes
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import (
     MetricsLog,
@@ -36,7 +37,7 @@ from vimpac.common.training import (
     param_groups,
     warmup_linear,
 )
-from vimpac.pretrain.data import ClipStream, StreamSpec, open_archives
+from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.export import load_pretrained, save_pretrained
 from vimpac.pretrain.losses import (
     COUNTS,

@@ -1,4 +1,4 @@
-"""The batch tokenize job: videos -> VQ tokens -> sharded zarr / webdataset archives.
+"""The batch tokenize job: videos -> VQ tokens -> a sharded token archive (:mod:`vimpac.archive`).
 
 Decoding runs in ffmpeg processes (:mod:`vimpac.tokenize.decode_pool`: one ffmpeg run per video
 decodes all its views) while this process encodes frames in large batches, so decode and encode
@@ -14,151 +14,29 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vimpac.common.archive import (
-    ArchiveError,
+from vimpac.archive import (
     ArchiveSettings,
+    ArchiveWriter,
     ManifestPart,
-    ShardWriter,
     VideoRecord,
     View,
-    load_part,
     make_views,
-    remove_orphans,
-    remove_stale_temps,
-    save_part,
-    shard_name,
 )
 from vimpac.common.config import TokenizeConfig, config_to_yaml
+from vimpac.common.names import normalise_key
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.storage import location
 from vimpac.common.video import DecodeSpec
+from vimpac.data.inputs import Inputs, InputVideo, collect_inputs
 from vimpac.tokenize.decode_pool import DecodePool, Message
 
 log = logging.getLogger(__name__)
-
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".webm", ".mkv", ".mpg", ".mpeg", ".flv",
-                    ".ogv", ".ogg", ".3gp", ".ts", ".mts", ".wmv", ".gif"}
-LIST_EXTENSIONS = {".txt", ".lst", ".csv", ".list"}
-
-
-@dataclass
-class InputVideo:
-    key: str
-    path: str
-    label: int = -1
-    splits: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Inputs:
-    """The videos named by the job's inputs, plus what could not be used and why."""
-    videos: list[InputVideo] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)   # (path or key, reason)
-    dataset: dict[str, Any] | None = None
-
-
-# ------------------------------------------------------------------------------------------ inputs
-
-def _add(found: Inputs, seen: dict[str, str], keys: set[str], video: InputVideo) -> None:
-    real = os.path.realpath(video.path)
-    if real in seen:
-        log.info("%s: given twice, tokenized once (as %s)", video.path, seen[real])
-        return
-    if video.key in keys:
-        video.key = f"{video.key}~{hashlib.sha1(real.encode()).hexdigest()[:8]}"
-    seen[real] = video.key
-    keys.add(video.key)
-    found.videos.append(video)
-
-
-def _walk(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, files in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(files):
-            yield Path(dirpath) / name
-        for name in dirnames:                    # symlinked folders: listed, not followed
-            if (Path(dirpath) / name).is_symlink():
-                yield Path(dirpath) / name
-
-
-def _from_directory(root: Path, found: Inputs, seen: dict[str, str], keys: set[str]) -> None:
-    real_root = os.path.realpath(root)
-    for path in _walk(root):
-        if path.suffix.lower() not in VIDEO_EXTENSIONS and not path.is_symlink():
-            continue
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, real_root]) != real_root:
-            found.rejected.append((str(path), f"symlink leaves the input tree (-> {real})"))
-            continue
-        if path.suffix.lower() not in VIDEO_EXTENSIONS:
-            continue
-        key = str(path.relative_to(root).with_suffix(""))
-        _add(found, seen, keys, InputVideo(key=key, path=str(path)))
-
-
-def _from_list(list_path: Path, found: Inputs, seen: dict[str, str], keys: set[str]) -> None:
-    base = list_path.parent
-    text = list_path.read_text(encoding="utf-8-sig", errors="replace")
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.replace(",", " ").split()
-        rel, label = parts[0], -1
-        if len(parts) > 1:
-            try:
-                label = int(parts[1])
-            except ValueError:
-                found.rejected.append((f"{list_path}:{lineno}", f"label {parts[1]!r} is not an "
-                                       "integer"))
-                continue
-        path = base / rel
-        key = str(Path(rel).with_suffix(""))
-        _add(found, seen, keys, InputVideo(key=key, path=str(path), label=label))
-
-
-def _from_dataset(name: str, root: str, found: Inputs, seen: dict[str, str],
-                  keys: set[str]) -> None:
-    from vimpac.finetune.datasets import load_dataset
-
-    index = load_dataset(name, root)
-    found.dataset = {"name": index.name, "root": str(Path(root).resolve()),
-                     "classes": list(index.classes)}
-    for key, reason in index.missing:
-        found.rejected.append((key, reason))
-    for item in index.items:
-        _add(found, seen, keys, InputVideo(key=item.key, path=item.path, label=item.label,
-                                           splits=list(item.splits)))
-
-
-def collect_inputs(inputs: Iterable[str]) -> Inputs:
-    """Expand files, folders (recursive), list files and ``dataset:ROOT`` specs into videos."""
-    from vimpac.finetune.datasets import parse_dataset_arg
-
-    found, seen, keys = Inputs(), {}, set()
-    for arg in inputs:
-        dataset = parse_dataset_arg(arg)
-        if dataset is not None:
-            _from_dataset(dataset[0], dataset[1], found, seen, keys)
-            continue
-        path = Path(arg)
-        if path.is_dir():
-            _from_directory(path, found, seen, keys)
-        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
-            _from_list(path, found, seen, keys)
-        elif path.exists() or path.is_symlink():
-            _add(found, seen, keys, InputVideo(key=path.stem, path=str(path)))
-        else:
-            found.rejected.append((arg, "no such file or folder"))
-    return found
-
 
 def worker_of(key: str, num_workers: int) -> int:
     """Which of ``num_workers`` workers owns a video: stable under appends and reruns."""
@@ -280,43 +158,20 @@ class TokenizeJob:
             shorter_side=cfg.shorter_side, size=cfg.size, views=self.views,
             formats=list(cfg.formats), tokenizer_kind=self.model.config.kind,
             dataset=inputs.dataset)
-        self.part = self._open_part()
+        self.writer: ArchiveWriter | None = None
         self.summary = JobSummary()
 
-    def _open_part(self) -> ManifestPart:
-        rel = "manifests/" + ManifestPart(self.settings, self.worker_index,
-                                          self.num_workers).filename
-        path = self.out.url(rel)
-        stale = remove_stale_temps(self.out, self.worker_index)
-        if stale:
-            log.info("removed %d temporary file(s) left by an interrupted run", len(stale))
-        if not self.out.exists(rel):
-            self._check_other_workers()
-            return ManifestPart(self.settings, self.worker_index, self.num_workers)
-        part = load_part(rel, self.out)
-        if part.settings.compatible_key() != self.settings.compatible_key():
-            theirs, ours = part.settings.compatible_key(), self.settings.compatible_key()
-            diff = ", ".join(f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours
-                             if theirs.get(k) != ours[k])
-            raise ArchiveError(f"{path}: archive was written with other settings ({diff}); "
-                               "write to a new --out folder")
-        if self.settings.dataset and part.settings.dataset is None:
-            part.settings.dataset = self.settings.dataset
-        removed = remove_orphans(self.out, part)
-        if removed:
-            log.info("removed %d interrupted shard file(s) from a previous run", len(removed))
-        return part
+    def _open_writer(self) -> ArchiveWriter:
+        cfg = self.cfg
+        return ArchiveWriter(self.out, self.settings, worker=self.worker_index,
+                             num_workers=self.num_workers, videos_per_shard=cfg.videos_per_shard,
+                             chunk_frames=cfg.chunk_frames, zstd_level=cfg.zstd_level)
 
-    def _check_other_workers(self) -> None:
-        for name in self.out.list("manifests"):
-            if not (name.startswith("worker-") and name.endswith(".json")):
-                continue
-            part = load_part(f"manifests/{name}", self.out)
-            if part.num_workers != self.num_workers:
-                raise ArchiveError(f"{self.out.url('manifests/' + name)}: archive was written "
-                                   f"by {part.num_workers} workers; "
-                                   f"rerun with --num-workers {part.num_workers} or use a new "
-                                   "--out folder")
+    @property
+    def part(self) -> ManifestPart:
+        """The worker's manifest part (what it has recorded so far)."""
+        assert self.writer is not None, "the job's writer is open only while it runs"
+        return self.writer.part
 
     # -- planning
     def pending(self) -> list[InputVideo]:
@@ -342,27 +197,30 @@ class TokenizeJob:
     # -- running
     def run(self) -> JobSummary:
         start = time.perf_counter()
-        todo = self.pending()
-        self._record_rejected()
-        if not todo:
-            self.summary.nothing_to_do = True
+        with self._open_writer() as self.writer:
+            todo = self.pending()
+            self._record_rejected()
+            if not todo:
+                self.summary.nothing_to_do = True
+                self._finish()
+                return self.summary
+            self._write_config()
+            self._tokenize(todo)
             self._finish()
-            return self.summary
-        self._write_config()
-        self._tokenize(todo)
-        self._finish()
         self.summary.seconds = time.perf_counter() - start
+        self.summary.shards_written = self.writer.shards_written
+        self.summary.bytes = dict(self.writer.bytes_written)
         return self.summary
 
     def _record_rejected(self) -> None:
         """Inputs refused before decoding (missing files, symlinks out of the tree) go into the
         manifest as failed records too, each owned by one worker."""
         for path, reason in self.inputs.rejected:
-            key = f"!rejected/{path}"
+            key = "!rejected/" + normalise_key(path)
             if worker_of(key, self.num_workers) != self.worker_index:
                 continue
-            self.part.videos[key] = VideoRecord(key=key, source=path, size=-1, mtime=0.0,
-                                                status="failed", reason=reason)
+            self.writer.fail(VideoRecord(key=key, source=path, size=-1, mtime=0.0,
+                                         reason=reason))
             self.summary.failures.append((path, reason))
 
     def _write_config(self) -> None:
@@ -381,7 +239,6 @@ class TokenizeJob:
         """
         task = self.progress.task("tokenize", total=len(todo), unit="videos")
         specs = decode_specs(self.cfg, self.views)
-        writer = self._new_writer()
         encoder = _Encoder(self.model, self.cfg.batch_frames, self.device)
         lookahead = max(2, 2 * self.cfg.decode_workers)
         done: dict[int, tuple[str, str]] = {}
@@ -406,14 +263,11 @@ class TokenizeJob:
                         or encoder.pending_frames >= self.cfg.batch_frames
                         or len(done) == next_submit - next_finalize):
                     status, reason = done.pop(next_finalize)
-                    writer = self._finalize(todo[next_finalize], status, reason, encoder,
-                                            writer, next_finalize)
+                    self._finalize(todo[next_finalize], status, reason, encoder, next_finalize)
                     next_finalize += 1
                     elapsed = time.perf_counter() - t0
                     task.advance(1, frames_s=self.summary.frames / max(elapsed, 1e-9),
                                  failed=self.summary.failed)
-        if len(writer):
-            self._commit(writer)
         task.close()
 
     def _handle(self, message: Message, encoder: _Encoder,
@@ -429,7 +283,7 @@ class TokenizeJob:
             encoder.drop(index, len(self.views))
 
     def _finalize(self, video: InputVideo, status: str, reason: str, encoder: _Encoder,
-                  writer: ShardWriter, index: int) -> ShardWriter:
+                  index: int) -> None:
         size, mtime = _stat(video.path)
         record = VideoRecord(key=video.key, source=os.path.abspath(video.path), size=size,
                              mtime=mtime, label=video.label, splits=list(video.splits))
@@ -444,41 +298,22 @@ class TokenizeJob:
                             video.path, sorted(frames), n)
                 tokens = [t[:n] for t in tokens]
         if status != "ok":
-            record.status, record.reason = "failed", reason
-            self.part.videos[video.key] = record
+            record.reason = reason
+            self.writer.fail(record)
             self.summary.failed += 1
             self.summary.failures.append((video.path, reason))
             log.warning("%s: %s", video.path, reason)
-            return writer
-        writer.add(record, {v.name: t for v, t in zip(self.views, tokens, strict=True)})
+            return
+        self.writer.add(record, {v.name: t for v, t in zip(self.views, tokens, strict=True)})
         self.summary.ok += 1
         self.summary.frames += record.frames * len(self.views)
         self.summary.tokens += record.frames * len(self.views) * int(np.prod(self.settings.grid))
-        if len(writer) >= self.cfg.videos_per_shard:
-            self._commit(writer)
-            return self._new_writer()
-        return writer
-
-    def _new_writer(self) -> ShardWriter:
-        name = shard_name(self.worker_index, len(self.part.shards))
-        return ShardWriter(self.out, name, self.settings, chunk_frames=self.cfg.chunk_frames,
-                           zstd_level=self.cfg.zstd_level)
-
-    def _commit(self, writer: ShardWriter) -> None:
-        shard = writer.commit()
-        self.part.shards.append(shard)
-        for record in writer.records:
-            self.part.videos[record.key] = record
-        save_part(self.out, self.part)               # the shard becomes visible only now
-        self.summary.shards_written += 1
-        for fmt, nbytes in shard.bytes.items():
-            self.summary.bytes[fmt] = self.summary.bytes.get(fmt, 0) + nbytes
 
     def _finish(self) -> None:
         mine = [v for v in self.inputs.videos
                 if worker_of(v.key, self.num_workers) == self.worker_index]
+        self.writer.commit()
         self.part.complete = all(v.key in self.part.videos for v in mine)
-        save_part(self.out, self.part)
         reported = {path for path, _ in self.summary.failures}   # earlier runs' failures too
         for v in mine:
             rec = self.part.videos.get(v.key)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vimpac.common.archive import atomic_write_json
+from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.video import DecodeSpec, VideoError, decode_video
 from vimpac.tokenize.vqvae import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vimpac.common.archive import Archive
+from vimpac.archive import Archive
 from vimpac.common.video import DecodeSpec, VideoError, decode_video
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def inspect_archive(archive_dir: str | Path, out_png: str | Path, *,
     spec = DecodeSpec(fps=settings.fps, shorter_side=round(settings.shorter_side * view.scale),
                       size=settings.size, crop=view.crop, hflip=view.hflip)
     for i, entry in enumerate(entries):
-        tokens = archive.open_zarr_shard(entry.shard).read(entry.index, view.name)
+        tokens = archive.read_video(entry.key, view.name)
         picks = np.linspace(0, len(tokens) - 1, num=min(frames, len(tokens))).round().astype(int)
         source = _decode_or_none(archive.records[entry.key].source, spec)
         recon = None

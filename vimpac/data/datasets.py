@@ -4,7 +4,7 @@ Each reader turns a dataset root into a :class:`DatasetIndex`: class names, one 
 per video (with every split it belongs to) and the annotated videos whose file is absent. Nothing
 is converted on disk; users point the pipeline at ``ssv2:/data/ssv2`` and the like.
 
-Supported layouts (paths relative to the root; see ``shared/reference/dataset-formats.md``):
+Supported layouts (paths relative to the root, as each dataset's public release unpacks):
 
 - ``ssv2``: ``labels/something-something-v2-{labels,train,validation,test}.json``,
   videos ``20bn-something-something-v2/{id}.webm``.
@@ -19,7 +19,8 @@ Supported layouts (paths relative to the root; see ``shared/reference/dataset-fo
 - ``list``: ``relative/path.ext label`` lines (MMAction2 video lists), one file or a folder with
   ``train.txt`` / ``val.txt`` / ``test.txt`` and an optional ``classes.txt``.
 
-Video keys follow the official VIMPAC LMDB keys: the relative path without extension (facts 1.4).
+Video keys follow the official VIMPAC code's LMDB keys (``video2token/extract_video_tokens.py``):
+the relative path without extension.
 Missing video files are not errors: they are listed in :attr:`DatasetIndex.missing`.
 """
 
