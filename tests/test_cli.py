@@ -45,3 +45,24 @@ def test_internal_error_exits_3_with_traceback(monkeypatch, capsys):
     assert exit_info.value.code == cli_mod.EXIT_INTERNAL == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: an invariant broke" in err
+
+
+def test_every_user_error_class_shares_one_base():
+    """The CLI maps one class to 'error: ...' and exit 2; every stage's user errors derive from
+    it, and nothing else does (a bug keeps its traceback)."""
+    from vimpac.archive import ArchiveError, ChecksumError, ShardError
+    from vimpac.common.checkpoint import CheckpointError
+    from vimpac.common.config import ConfigError
+    from vimpac.common.errors import VimpacError
+    from vimpac.common.ffmpeg_exe import FFmpegNotFound
+    from vimpac.common.storage import StorageError
+    from vimpac.common.video import VideoError
+    from vimpac.data.datasets import DatasetError
+    from vimpac.pipeline import PipelineError
+    from vimpac.pretrain.train import PretrainError
+
+    for cls in (ArchiveError, ShardError, ChecksumError, CheckpointError, ConfigError,
+                FFmpegNotFound, StorageError, VideoError, DatasetError, PipelineError,
+                PretrainError):
+        assert issubclass(cls, VimpacError), cls
+    assert not issubclass(RuntimeError, VimpacError) and not issubclass(KeyError, VimpacError)

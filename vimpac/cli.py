@@ -29,7 +29,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from vimpac.common.config import ConfigError, PipelineConfig, load_pipeline
+from vimpac.common.config import PipelineConfig, load_pipeline
+from vimpac.common.errors import VimpacError
 
 console = Console(stderr=True)
 out = Console()
@@ -125,7 +126,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, UsageError) as exc:
+        except VimpacError as exc:           # inputs, files, settings: never a bug
             message = str(exc)
         except OSError as exc:
             where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
@@ -133,10 +134,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 message += " (out of disk space or over the file size limit; the last " \
                            "committed state is intact: free space and rerun to resume)"
-        except Exception as exc:
-            if not _is_user_error(exc):
-                raise                       # a bug: keep the traceback
-            message = str(exc)
         # one line, printed verbatim: paths and values may contain newlines or [markup]
         text = " ".join(message.splitlines())
         console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
@@ -144,22 +141,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    """Errors about the user's inputs, archives, checkpoints or plans (not bugs): one line."""
-    from vimpac.archive import ArchiveError
-    from vimpac.common.video import VideoError
-    from vimpac.data.datasets import DatasetError
-    from vimpac.pipeline import PipelineError
-
-    classes: list[type] = [ArchiveError, VideoError, DatasetError, PipelineError]
-    for module, name in (("vimpac.common.checkpoint", "CheckpointError"),
-                         ("vimpac.pretrain.train", "PretrainError")):
-        if module in sys.modules:           # loaded only if the command used them (torch)
-            classes.append(getattr(sys.modules[module], name))
-    return isinstance(exc, tuple(classes))
-
-
-class UsageError(Exception):
+class UsageError(VimpacError):
     """A user mistake found after parsing (a missing file, an incompatible archive...)."""
 
 

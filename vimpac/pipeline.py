@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vimpac.common.config import PipelineConfig, config_to_yaml
+from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 
@@ -52,7 +53,7 @@ class Stage:
         return json.loads((self.path / DONE).read_text())["result"]
 
 
-class PipelineError(RuntimeError):
+class PipelineError(VimpacError):
     """A pipeline that cannot be planned or run as configured."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from vimpac.common.errors import VimpacError
 
-class ArchiveError(RuntimeError):
+
+class ArchiveError(VimpacError):
     """A problem with an archive on disk; the message is one line naming the archive, and the
     manifest, shard and video where it is known."""
 

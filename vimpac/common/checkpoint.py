@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_open
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VimpacError):
     """A checkpoint that cannot be read; the message names the file."""
 
 

@@ -24,13 +24,14 @@ from typing import Any
 
 import yaml
 
+from vimpac.common.errors import VimpacError
 from vimpac.common.names import plain_name_problem
 from vimpac.data.synth import DEFAULT_CLASSES, classes_problem
 
 PACKAGED_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(VimpacError, ValueError):
     """A configuration problem, described in one line."""
 
 

@@ -12,8 +12,10 @@ import os
 import shutil
 import subprocess
 
+from vimpac.common.errors import VimpacError
 
-class FFmpegNotFound(RuntimeError):
+
+class FFmpegNotFound(VimpacError):
     """No usable ffmpeg binary could be found."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_open
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class RetryPolicy:
 RETRY = RetryPolicy()
 
 
-class StorageError(OSError):
+class StorageError(VimpacError, OSError):
     """A remote read or write that failed for good; ``filename`` is the object's URL."""
 
     def __init__(self, url: str, reason: str) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import ffmpeg
 import numpy as np
 
+from vimpac.common.errors import VimpacError
 from vimpac.common.ffmpeg_exe import ffmpeg_exe, passthrough_option
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class DecodeSpec:
         return self.size * self.size * 3
 
 
-class VideoError(Exception):
+class VideoError(VimpacError):
     """A video that cannot (or must not) be decoded; ``str()`` is ``"{path}: {reason}"``."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:

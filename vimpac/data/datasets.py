@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vimpac.common.errors import VimpacError
+
 logger = logging.getLogger(__name__)
 
 DATASETS = ("ssv2", "ucf101", "hmdb51", "diving48", "kinetics400", "list")
@@ -44,7 +46,7 @@ ALIASES = {"sthv2": "ssv2", "something-something-v2": "ssv2", "k400": "kinetics4
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
 
 
-class DatasetError(Exception):
+class DatasetError(VimpacError):
     """A dataset root or annotation file that cannot be read; the message names file and line."""
 
 

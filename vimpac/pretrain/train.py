@@ -29,6 +29,7 @@ from vimpac.common.checkpoint import (
 )
 from vimpac.common.config import PretrainConfig, config_to_yaml
 from vimpac.common.distributed import DistInfo, cleanup, init_distributed
+from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_bytes
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import (
@@ -51,7 +52,7 @@ from vimpac.pretrain.model import PRESETS, ModelConfig, VimpacPretrainModel, to_
 log = logging.getLogger(__name__)
 
 
-class PretrainError(RuntimeError):
+class PretrainError(VimpacError):
     """A set-up problem: bad archive, bad batch arithmetic, unreadable checkpoint."""
 
 
