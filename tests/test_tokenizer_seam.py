@@ -287,3 +287,17 @@ def test_decoded_frames_that_do_not_fill_the_token_frames_are_refused(corpus, tm
     manifest.write_text(json.dumps(data))
     with pytest.raises(ArchiveError, match=r"videos\[0\]\.decoded_frames: expected"):
         load_part(location(tmp_path / "arch"), "manifests/worker-00000-of-00001.json")
+
+
+def test_a_file_that_is_no_dalle_encoder_is_one_error_line_naming_it(cli_runner, tmp_path):
+    from vimpac.cli import cli
+
+    bad = tmp_path / "encoder.pkl"
+    bad.write_bytes(b"\x80\x05 not a pickle at all")
+    result = cli_runner.invoke(cli, ["tokenizer", "import-dalle", str(bad), "--out",
+                                     str(tmp_path / "tok")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "encoder.pkl: not a pickled DALL-E encoder" in lines[0]
+    assert not (tmp_path / "tok").exists()

@@ -24,11 +24,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import fsync_dir, fsync_tree
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+class TokenizerError(VimpacError, ValueError):
+    """A tokenizer folder or weights file that cannot be used; the message names the file."""
 
 
 def fingerprint_of(config: dict[str, Any], module: nn.Module) -> str:
@@ -47,19 +52,19 @@ def config_fields(cls: type, data: Any, source: str) -> dict[str, Any]:
     """``data`` checked against the fields of config dataclass ``cls``: an object with known keys
     whose values have their defaults' types (an int is a float too). Errors name ``source``."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: tokenizer config must be an object, got "
+        raise TokenizerError(f"{source}: tokenizer config must be an object, got "
                          f"{type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ValueError(f"{source}: unknown tokenizer config key(s) {unknown}")
+        raise TokenizerError(f"{source}: unknown tokenizer config key(s) {unknown}")
     for key, value in data.items():
         want = type(fields[key].default)
         ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise ValueError(f"{source}: tokenizer config {key}={value!r}: expected "
+            raise TokenizerError(f"{source}: tokenizer config {key}={value!r}: expected "
                              f"{want.__name__}")
     return dict(data)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vimpac.tokenize.base import FrameTokenizer, config_fields, save_tokenizer
+from vimpac.tokenize.base import FrameTokenizer, TokenizerError, config_fields, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class DalleConfig:
             if isinstance(data, dict) and key in data:
                 value = data.pop(key)
                 if value != expected or type(value) is not type(expected):
-                    raise ValueError(f"{source}: tokenizer config {key}={value!r}: a DALL-E "
+                    raise TokenizerError(f"{source}: tokenizer config {key}={value!r}: a DALL-E "
                                      f"tokenizer's is always {expected!r}")
         return cls(**config_fields(cls, data, source))
 
@@ -189,13 +189,14 @@ def config_from_dalle_state(state: dict[str, torch.Tensor], source: str) -> Dall
         n_hid, in_ch = state["blocks.input.w"].shape[:2]
         vocab = state["blocks.output.conv.w"].shape[0]
     except KeyError as exc:
-        raise ValueError(f"{source}: not a DALL-E encoder (missing weight {exc})") from None
+        raise TokenizerError(f"{source}: not a DALL-E encoder (missing weight {exc})") from None
     if in_ch != 3:
-        raise ValueError(f"{source}: encoder takes {in_ch} input channels, only 3 (RGB) supported")
+        raise TokenizerError(f"{source}: encoder takes {in_ch} input channels, only 3 (RGB) "
+                             "supported")
     groups = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
     blocks = {int(m.group(2)) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
     if groups != set(range(1, GROUP_COUNT + 1)):
-        raise ValueError(f"{source}: expected {GROUP_COUNT} groups, found {sorted(groups)}")
+        raise TokenizerError(f"{source}: expected {GROUP_COUNT} groups, found {sorted(groups)}")
     return DalleConfig(codebook_size=int(vocab), channels=int(n_hid),
                        blocks_per_group=max(blocks), image_size=256)
 
@@ -207,10 +208,15 @@ def load_dalle_state(encoder_pkl_path: str | os.PathLike) -> dict[str, torch.Ten
     code: only use it on files you trust (e.g. OpenAI's ``encoder.pkl``). The ``dall_e`` classes
     are replaced by inert stand-ins while unpickling, so the ``dall_e`` package is not needed.
     """
-    obj = torch.load(encoder_pkl_path, map_location="cpu", weights_only=False,
-                     pickle_module=_StubbingPickle)
+    try:
+        obj = torch.load(encoder_pkl_path, map_location="cpu", weights_only=False,
+                         pickle_module=_StubbingPickle)
+    except Exception as exc:  # torch and pickle raise many types; none names the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizerError(f"{encoder_pkl_path}: not a pickled DALL-E encoder ({first})"
+                             ) from None
     if not isinstance(obj, nn.Module):
-        raise ValueError(f"{encoder_pkl_path}: expected a pickled dall_e.Encoder module, got "
+        raise TokenizerError(f"{encoder_pkl_path}: expected a pickled dall_e.Encoder module, got "
                          f"{type(obj).__name__}")
     return {k: v.detach().float().contiguous() for k, v in obj.state_dict().items()}
 
@@ -228,7 +234,7 @@ def import_dalle(encoder_pkl_path: str | os.PathLike, out_dir: str | os.PathLike
     ours = {dalle_key_to_ours(k): v for k, v in state.items()}
     missing, unexpected = model.encoder.load_state_dict(ours, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the DALL-E encoder architecture "
+        raise TokenizerError(f"{source}: weights do not fit the DALL-E encoder architecture "
                          f"(missing {missing}, unexpected {unexpected})")
     model.eval()
     save_tokenizer(model, out_dir)

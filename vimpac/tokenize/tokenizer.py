@@ -23,12 +23,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from vimpac.tokenize.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, save_tokenizer
+from vimpac.tokenize.base import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    TokenizerError,
+    save_tokenizer,
+)
 from vimpac.tokenize.dalle import DalleTokenizer
 from vimpac.tokenize.vqvae import VQTokenizer
 
-__all__ = ["TOKENIZERS", "Tokenizer", "encode_clips", "encode_frames", "load_tokenizer",
-           "save_tokenizer"]
+__all__ = ["TOKENIZERS", "Tokenizer", "TokenizerError", "encode_clips", "encode_frames",
+           "load_tokenizer", "save_tokenizer"]
 
 
 class Tokenizer(Protocol):
@@ -84,15 +90,20 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (is {path} a tokenizer directory?)")
     config = _read_config(cfg_path)
-    model = _tokenizer_class(config, cfg_path).from_config(config["config"], str(cfg_path))
+    try:
+        model = _tokenizer_class(config, cfg_path).from_config(config["config"], str(cfg_path))
+    except TokenizerError:
+        raise
+    except (ValueError, TypeError) as exc:      # a value the config class refuses
+        raise TokenizerError(f"{cfg_path}: {exc}") from None
     try:
         model.load_state_dict(load_file(str(weights_path)), strict=True)
     except Exception as exc:  # safetensors/torch errors name no file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{weights_path}: unreadable tokenizer weights ({first})") from None
+        raise TokenizerError(f"{weights_path}: unreadable tokenizer weights ({first})") from None
     stored = config.get("fingerprint")
     if stored is not None and stored != model.fingerprint():
-        raise ValueError(f"{weights_path}: weights do not match the fingerprint in {cfg_path}")
+        raise TokenizerError(f"{weights_path}: weights do not match the fingerprint in {cfg_path}")
     return model.to(device).eval()
 
 
@@ -100,19 +111,19 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: not a tokenizer config ({exc})") from None
+        raise TokenizerError(f"{cfg_path}: not a tokenizer config ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{cfg_path}: format_version={got!r}, expected {FORMAT_VERSION}")
+        raise TokenizerError(f"{cfg_path}: format_version={got!r}, expected {FORMAT_VERSION}")
     if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{cfg_path}: 'config' must be an object")
+        raise TokenizerError(f"{cfg_path}: 'config' must be an object")
     return meta
 
 
 def _tokenizer_class(meta: dict[str, Any], cfg_path: Path) -> type:
     kind = meta["config"].get("kind")
     if not isinstance(kind, str) or kind not in TOKENIZERS:
-        raise ValueError(f"{cfg_path}: config.kind={kind!r} is not a known tokenizer (known: "
+        raise TokenizerError(f"{cfg_path}: config.kind={kind!r} is not a known tokenizer (known: "
                          f"{', '.join(TOKENIZERS)})")
     return TOKENIZERS[kind]
 
