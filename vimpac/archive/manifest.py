@@ -101,8 +101,9 @@ class ArchiveSettings:
         return self.fps * self.temporal_stride
 
     def compatible_key(self) -> dict[str, Any]:
-        """The settings that must agree for archives to be read together (dataset excluded)."""
-        out = self.to_json()
+        """The settings that must agree for archives to be read together (dataset excluded);
+        every field, implied ones too, so a difference always names its key."""
+        out = {**dataclasses.asdict(self), "grid": list(self.grid)}
         out.pop("dataset")
         return out
 

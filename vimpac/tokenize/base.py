@@ -60,13 +60,16 @@ def config_fields(cls: type, data: Any, source: str) -> dict[str, Any]:
         raise TokenizerError(f"{source}: unknown tokenizer config key(s) {unknown}")
     for key, value in data.items():
         want = type(fields[key].default)
-        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
+        if not _has_type(value, want):
             raise TokenizerError(f"{source}: tokenizer config {key}={value!r}: expected "
-                             f"{want.__name__}")
+                                 f"{want.__name__}")
     return dict(data)
+
+
+def _has_type(value: Any, want: type) -> bool:
+    if isinstance(value, bool) or want is bool:
+        return isinstance(value, bool) and want is bool
+    return isinstance(value, want) or (want is float and isinstance(value, int))
 
 
 class FrameTokenizer(nn.Module):

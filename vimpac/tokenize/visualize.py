@@ -115,7 +115,7 @@ def mask_overlay_png(frames: np.ndarray, mask: np.ndarray, out_png: str | Path,
         axes[0, i].imshow(np.clip(tinted, 0, 1))
         axes[0, i].set_title(f"frame {i}: {mask[i].mean():.0%}", fontsize=8)
         axes[0, i].axis("off")
-    fig.suptitle(title or f"block mask over a clip ({mask.mean():.1%} masked)", fontsize=9)
+    fig.suptitle(title or f"token mask over a clip ({mask.mean():.1%} masked)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
