@@ -1,8 +1,9 @@
 """The batch tokenize job: videos -> VQ tokens -> a sharded token archive (:mod:`vimpac.archive`).
 
 Decoding runs in ffmpeg processes (:mod:`vimpac.tokenize.decode_pool`: one ffmpeg run per video
-decodes all its views) while this process encodes frames in large batches, so decode and encode
-overlap. Finished videos are written to shards in a fixed order (the worker's sorted video
+decodes all its views) while this process encodes clips of each video's consecutive frames, many
+videos per batch (:class:`_Encoder`), so decode and encode overlap and a tokenizer may compress
+time. Finished videos are written to shards in a fixed order (the worker's sorted video
 list), so a resumed run produces the same shards, bitwise, as an uninterrupted one. Scale-out:
 N independent workers each take the videos whose key hashes to their index and write their own
 shards and manifest part; no coordination server is involved.
