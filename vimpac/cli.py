@@ -147,11 +147,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _is_user_error(exc: BaseException) -> bool:
     """Errors about the user's inputs, archives, checkpoints or plans (not bugs): one line."""
     from vimpac.common.archive import ArchiveError
+    from vimpac.common.ffmpeg_exe import FFmpegError
     from vimpac.common.video import VideoError
     from vimpac.finetune.datasets import DatasetError
     from vimpac.pipeline import PipelineError
 
-    classes: list[type] = [ArchiveError, VideoError, DatasetError, PipelineError]
+    classes: list[type] = [ArchiveError, FFmpegError, VideoError, DatasetError, PipelineError]
     for module, name in (("vimpac.common.checkpoint", "CheckpointError"),
                          ("vimpac.pretrain.train", "PretrainError")):
         if module in sys.modules:           # loaded only if the command used them (torch)
@@ -190,12 +191,13 @@ pass_ctx = click.make_pass_decorator(Context)
 @handle_errors
 def doctor(ctx: Context) -> None:
     """Show the ffmpeg, torch build, devices and package versions in use."""
-    from vimpac.common.environment import environment_report
+    from vimpac.common.environment import check_ffmpeg, environment_report
 
     table = Table(title="vimpac environment", show_header=False)
     for key, value in environment_report().items():
         table.add_row(key, str(value))
     out.print(table)
+    check_ffmpeg()      # a missing or too old ffmpeg: one line, exit 2
 
 
 @cli.group()
