@@ -27,6 +27,7 @@ from vimpac.common.ffmpeg_exe import ffmpeg_exe, fps_mode_args
 
 FAST_X264 = ("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p")
 TS_PACKET = 188
+SDT_PID = 0x11  # DVB service description table (service names)
 
 
 def run_ffmpeg(*args: str, stdin: bytes | None = None) -> None:
@@ -188,8 +189,9 @@ def riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
 
 
 def _lean_list(fourcc: bytes, payload: bytes) -> bytes | None:
-    """A chunk without JUNK padding inside (and no OpenDML list, which MEncoder does not write)."""
-    if fourcc == b"JUNK" or (fourcc == b"LIST" and payload[:4] == b"odml"):
+    """A chunk without the JUNK padding, OpenDML list and video properties (``vprp``) that ffmpeg
+    writes and MEncoder does not."""
+    if fourcc in (b"JUNK", b"vprp") or (fourcc == b"LIST" and payload[:4] == b"odml"):
         return None
     if fourcc != b"LIST" or payload[:4] == b"movi":
         return riff_chunk(fourcc, payload)
@@ -242,6 +244,89 @@ def ts_with_late_tables(data: bytes, text: bytes, pid: int = 0x1FF0) -> bytes:
     return ts_text_packets(text, pid) + data
 
 
+def ts_without_pids(data: bytes, pids: set[int]) -> bytes:
+    return b"".join(p for p in ts_packets(data) if ts_pid(p) not in pids)
+
+
 def first_pat_offset(data: bytes) -> int:
     """Byte offset of the first packet of PID 0 (the PAT)."""
     return next(i * TS_PACKET for i, p in enumerate(ts_packets(data)) if ts_pid(p) == 0)
+
+
+# ----------------------------------------------------------------------------- real-writer files
+
+
+def mencoder_style_avi(out: Path) -> Path:
+    """A DivX-3 (msmpeg4v3) AVI whose first 4 KB are mostly a JUNK chunk of readable padding."""
+    plain = lavfi(out.with_name(out.stem + ".plain.avi"), "testsrc2=size=96x64:rate=10:duration=3",
+                  "-c:v", "msmpeg4", "-q:v", "6")
+    junk = readable_text(6000, "[ room kept free by the encoder for later header edits ] ")
+    out.write_bytes(avi_with_text_junk(plain.read_bytes(), junk))
+    plain.unlink()
+    return out
+
+
+def camera_mp4(out: Path) -> Path:
+    """An MP4 as a camera writes it: ``ftyp``, a ``free`` box of readable reserved bytes, ``mdat``,
+    and the index (``moov``) at the end, with audio."""
+    plain = lavfi(out.with_name(out.stem + ".plain.mp4"), "testsrc2=size=80x60:rate=25:duration=2",
+                  "-f", "lavfi", "-i", "sine=duration=2", *FAST_X264, "-c:a", "aac", "-shortest")
+    reserved = readable_text(5000, "CAMERA FIRMWARE 1.02 RESERVED ")
+    out.write_bytes(insert_before_mdat(plain.read_bytes(), free_box(reserved)))
+    plain.unlink()
+    return out
+
+
+def mkv_with_attachment(out: Path) -> Path:
+    """A Matroska file carrying a text attachment (an .nfo) in its header."""
+    nfo = out.with_name(out.stem + ".nfo")
+    nfo.write_bytes(readable_text(7000, "Release notes: holiday footage, camera B, day 2. "))
+    lavfi(out, "testsrc2=size=64x48:rate=12:duration=2", *FAST_X264, "-attach", str(nfo),
+          "-metadata:s:t", "mimetype=text/plain")
+    nfo.unlink()
+    return out
+
+
+def plain_ts(out: Path, *, sdt: bool = True) -> Path:
+    """MPEG-2 video and MP2 audio in an MPEG-TS as ffmpeg muxes it; ``sdt=False`` drops the
+    service description (PID 0x11), as a recorder that keeps one programme's PIDs does."""
+    lavfi(out, "testsrc2=size=64x48:rate=25:duration=2", "-f", "lavfi", "-i", "sine=duration=2",
+          "-c:v", "mpeg2video", "-c:a", "mp2", "-shortest", "-f", "mpegts")
+    if not sdt:
+        out.write_bytes(ts_without_pids(out.read_bytes(), {SDT_PID}))
+    return out
+
+
+def broadcast_capture_ts(out: Path) -> Path:
+    """A recording cut mid-stream: ~4.5 KB of text packets on a PID the PMT does not list (a
+    programme guide or teletext) come before the first PAT/PMT; one programme's PIDs, no SDT."""
+    plain = plain_ts(out.with_name(out.stem + ".plain.ts"), sdt=False)
+    guide = readable_text(24 * (TS_PACKET - 4), "20:00 News. 20:15 Weather. 20:30 Film. ")
+    out.write_bytes(ts_with_late_tables(plain.read_bytes(), guide))
+    plain.unlink()
+    return out
+
+
+PHONE_FRAMES = 36  # frames the VFR phone clip keeps out of 90
+
+
+def vfr_phone_clip(out: Path) -> Path:
+    """A portrait phone clip: QuickTime, variable frame rate (36 frames kept of 3 s at 30 fps, at
+    irregular intervals), audio, and a 90-degree clockwise turn (270 counter-clockwise) in the
+    track matrix with the translation phones write."""
+    plain = lavfi(out.with_name(out.stem + ".plain.mov"), "testsrc2=size=96x64:rate=30:duration=3",
+                  "-f", "lavfi", "-i", "sine=duration=3", "-vf",
+                  "select='lt(mod(n\\,5)\\,2)'", *vfr_args(), *FAST_X264, "-c:a", "aac",
+                  "-shortest", "-f", "mov")
+    out.write_bytes(set_rotation(plain.read_bytes(), 270, translate=True))
+    plain.unlink()
+    return out
+
+
+REAL_WRITERS = {  # file name -> builder
+    "mencoder.avi": mencoder_style_avi,
+    "camera.mp4": camera_mp4,
+    "attachment.mkv": mkv_with_attachment,
+    "broadcast.ts": broadcast_capture_ts,
+    "phone.mov": vfr_phone_clip,
+}

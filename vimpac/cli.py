@@ -194,6 +194,8 @@ def doctor(ctx: Context) -> None:
     from vimpac.common.environment import check_ffmpeg, environment_report
 
     table = Table(title="vimpac environment", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")      # long paths wrap whole instead of ending in "..."
     for key, value in environment_report().items():
         table.add_row(key, str(value))
     out.print(table)

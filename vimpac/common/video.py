@@ -37,6 +37,7 @@ import math
 import os
 import re
 import select
+import signal
 import stat
 import subprocess
 import threading
@@ -355,6 +356,8 @@ def _run_probe(path: str, timeout_s: float, timeout_error: VideoError) -> str:
                              stderr=subprocess.PIPE, timeout=max(timeout_s, 0.001), check=False)
     except subprocess.TimeoutExpired:
         raise timeout_error from None
+    if out.returncode < 0:
+        raise VideoError(path, _crash_reason(out.returncode))
     return out.stderr.decode("utf-8", "replace")
 
 
@@ -423,6 +426,28 @@ _KNOWN_ERRORS = (  # (words that must all be on one line of ffmpeg's stderr, low
     (("invalid data found when processing input",),
      "not a recognized video file, or corrupt (ffmpeg: invalid data found when processing input)"),
 )
+
+
+_CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"}
+
+
+def _crash_reason(returncode: int) -> str:
+    """Reason for an ffmpeg that died from a signal (``returncode`` < 0) it did not get from us."""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if name in _CRASH_SIGNALS:
+        return (f"ffmpeg crashed ({name}) on this file: a bug in this ffmpeg build; another "
+                "build (VIMPAC_FFMPEG) may read it")
+    return f"ffmpeg was killed by {name}"
+
+
+def _failure_reason(returncode: int, lines: list[str]) -> str:
+    """Why ffmpeg exited with ``returncode`` != 0, from its stderr ``lines``."""
+    if returncode < 0:
+        return _crash_reason(returncode)
+    return _ffmpeg_reason(lines, f"ffmpeg failed (exit {returncode})")
 
 
 def _ffmpeg_reason(lines: list[str], default: str) -> str:
@@ -580,7 +605,7 @@ def count_frames(path: str | os.PathLike, fps: float | None, *, timeout_s: float
     counts = re.findall(rb"^frame=(\d+)", out.stdout, re.MULTILINE)
     if out.returncode != 0 or not counts:
         lines = out.stderr.decode("utf-8", "replace").splitlines()
-        raise VideoError(path, _ffmpeg_reason(lines, f"ffmpeg failed (exit {out.returncode})"))
+        raise VideoError(path, _failure_reason(out.returncode, lines))
     return int(counts[-1])
 
 
@@ -722,7 +747,7 @@ def _stream_frames(path: str, cmd: list[str], specs: list[DecodeSpec], chunk_fra
         rc = _wait(proc, budget)
         lines = tail.join()
         if rc != 0:
-            reason = _ffmpeg_reason(lines, f"ffmpeg failed (exit {rc})")
+            reason = _failure_reason(rc, lines)
             if total == 0:
                 raise _FfmpegFailed(path, reason)
             logger.warning("%s: ffmpeg exited %d after %d frames (kept them): %s", path, rc,
