@@ -38,7 +38,7 @@ from vimpac.common.archive import Archive, read_tokens
 from vimpac.common.config import TokenizeConfig
 from vimpac.common.ffmpeg_exe import ffmpeg_exe
 from vimpac.common.video import DecodeSpec, VideoError, check_input, count_frames, decode_video
-from vimpac.tokenize.job import run_tokenize
+from vimpac.tokenize.job import VIDEO_EXTENSIONS, run_tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEOS = Path(os.environ.get("VIMPAC_SAMPLE_VIDEOS", ROOT / ".cache" / "sample-videos"))
@@ -328,7 +328,8 @@ def test_real_writer_and_packaged_videos_tokenize_and_only_bad_files_fail(
 def _sample_videos() -> list[Path]:
     if not SAMPLE_VIDEOS.is_dir():
         return []
-    return sorted(p for p in SAMPLE_VIDEOS.rglob("*") if p.is_file() and p.suffix != ".txt")
+    return sorted(p for p in SAMPLE_VIDEOS.rglob("*")
+                  if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
 
 
 needs_samples = pytest.mark.skipif(
