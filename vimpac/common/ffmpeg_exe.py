@@ -44,7 +44,7 @@ class FFmpegBuild:
     source: str  # "VIMPAC_FFMPEG", "PATH" or "imageio-ffmpeg"
     version: str  # the word after "ffmpeg version", e.g. "4.2.2-static", "N-113000-gabc"
     release: tuple[int, ...] | None  # (4, 2, 2); None for builds from git
-    libavformat: tuple[int, int, int] | None
+    libavformat: tuple[int, ...] | None  # (58, 29, 100)
 
     @property
     def too_old(self) -> bool:
@@ -92,7 +92,7 @@ def parse_version(text: str, path: str = "", source: str = "") -> FFmpegBuild:
     release = tuple(int(g) for g in m.groups() if g is not None) \
         if (m := _RELEASE_RE.match(first)) else None
     lavf = tuple(int(g) for g in m.groups()) if (m := _LIBAVFORMAT_RE.search(text)) else None
-    return FFmpegBuild(path, source, word, release, lavf)  # type: ignore[arg-type]
+    return FFmpegBuild(path, source, word, release, lavf)
 
 
 def inspect_ffmpeg(path: str, source: str = "") -> FFmpegBuild:
@@ -142,11 +142,6 @@ def ffmpeg_build() -> FFmpegBuild:
 def ffmpeg_exe() -> str:
     """Path of the ffmpeg binary to use; refuses a missing or too old one (:class:`FFmpegError`)."""
     return ffmpeg_build().path
-
-
-def ffmpeg_source() -> str:
-    """Where :func:`ffmpeg_exe` found its binary: 'VIMPAC_FFMPEG', 'PATH' or 'imageio-ffmpeg'."""
-    return locate_ffmpeg()[1]
 
 
 def clear_caches() -> None:
