@@ -33,12 +33,13 @@ from media_builders import (
     ts_packets,
 )
 
+from vimpac.archive import Archive, read_tokens
 from vimpac.common import video
-from vimpac.common.archive import Archive, read_tokens
 from vimpac.common.config import TokenizeConfig
 from vimpac.common.ffmpeg_exe import ffmpeg_exe
 from vimpac.common.video import DecodeSpec, VideoError, check_input, count_frames, decode_video
-from vimpac.tokenize.job import VIDEO_EXTENSIONS, run_tokenize
+from vimpac.data.inputs import VIDEO_EXTENSIONS
+from vimpac.tokenize.job import run_tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEOS = Path(os.environ.get("VIMPAC_SAMPLE_VIDEOS", ROOT / ".cache" / "sample-videos"))
