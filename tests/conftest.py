@@ -9,6 +9,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+def pytest_report_header(config):
+    """Which ffmpeg the run uses (the one users get: VIMPAC_FFMPEG, else PATH, else bundled)."""
+    from vimpac.common.ffmpeg_exe import FFmpegError, ffmpeg_build
+
+    try:
+        build = ffmpeg_build()
+    except FFmpegError as exc:
+        return f"ffmpeg: {exc}"
+    return f"ffmpeg: {build.version} at {build.path} (from {build.source})"
+
+
 @pytest.fixture
 def cli_runner():
     from click.testing import CliRunner
@@ -18,7 +29,7 @@ def cli_runner():
 
 def make_test_video(path, *, seconds=1.0, fps=12, size=(64, 48), codec="libx264",
                     source="testsrc2", audio=False):
-    """Encode a small real video with the bundled ffmpeg (lavfi source), return its path."""
+    """Encode a small real video with vimpac's ffmpeg (lavfi source), return its path."""
     import subprocess
 
     from vimpac.common.ffmpeg_exe import ffmpeg_exe

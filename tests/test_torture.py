@@ -22,6 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_test_video
+from media_builders import vfr_args, with_rotation
 
 from vimpac.archive import Archive, read_tokens, verify
 from vimpac.cli import cli
@@ -85,10 +86,9 @@ def _make_good(tree: Path) -> None:
     good.mkdir(parents=True)
     make_test_video(good / "plain.mp4", seconds=1.0)
     make_test_video(good / "odd_size.mp4", seconds=1.0, size=(101, 67))
-    _ffmpeg("-display_rotation", "90", "-i", str(good / "odd_size.mp4"), "-c", "copy",
-            str(good / "rotated.mp4"))
+    with_rotation(good / "odd_size.mp4", good / "rotated.mp4", 90)
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=2", "-vf",
-            "select='lt(mod(n\\,5)\\,2)'", "-fps_mode", "vfr", "-c:v", "libx264", "-preset",
+            "select='lt(mod(n\\,5)\\,2)'", *vfr_args(), "-c:v", "libx264", "-preset",
             "ultrafast", "-pix_fmt", "yuv420p", str(good / "vfr.mkv"))
     make_test_video(good / "one_frame.mp4", seconds=0.04, fps=25)
     shutil.copy(good / "vfr.mkv", good / "-y.mp4")

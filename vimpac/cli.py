@@ -172,12 +172,15 @@ pass_ctx = click.make_pass_decorator(Context)
 @handle_errors
 def doctor(ctx: Context) -> None:
     """Show the ffmpeg, torch build, devices and package versions in use."""
-    from vimpac.common.environment import environment_report
+    from vimpac.common.environment import check_ffmpeg, environment_report
 
     table = Table(title="vimpac environment", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")      # long paths wrap whole instead of ending in "..."
     for key, value in environment_report().items():
         table.add_row(key, str(value))
     out.print(table)
+    check_ffmpeg()      # a missing or too old ffmpeg: one line, exit 2
 
 
 @cli.group()

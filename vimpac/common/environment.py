@@ -6,7 +6,14 @@ import importlib.metadata
 import platform
 from typing import Any
 
-from vimpac.common.ffmpeg_exe import FFmpegNotFound, ffmpeg_exe, ffmpeg_source, ffmpeg_version
+from vimpac.common.ffmpeg_exe import (
+    MIN_VERSION,
+    FFmpegBuild,
+    FFmpegError,
+    inspect_ffmpeg,
+    locate_ffmpeg,
+    require_supported,
+)
 
 PACKAGES = ("vimpac", "torch", "numpy", "zarr", "numcodecs", "webdataset", "ffmpeg-python",
             "imageio-ffmpeg", "safetensors", "click", "rich", "fsspec")
@@ -14,15 +21,36 @@ PACKAGES = ("vimpac", "torch", "numpy", "zarr", "numcodecs", "webdataset", "ffmp
 STORES = {"s3fs": "s3://", "gcsfs": "gs://"}
 
 
+def ffmpeg_report() -> dict[str, str]:
+    """The ffmpeg binary in use: path, where it came from, version, and whether it is usable."""
+    try:
+        path, source = locate_ffmpeg()
+        build = inspect_ffmpeg(path, source)
+    except FFmpegError as exc:
+        return {"ffmpeg": f"NOT FOUND: {exc}"}
+    return {"ffmpeg": f"{path} (from {source})",
+            "ffmpeg version": f"{build.describe()}, {_verdict(build)}"}
+
+
+def _verdict(build: FFmpegBuild) -> str:
+    minimum = ".".join(map(str, MIN_VERSION))
+    if not build.recognized:
+        return "REFUSED: not an ffmpeg binary"
+    if build.too_old:
+        return f"REFUSED: too old, vimpac needs ffmpeg {minimum} or newer"
+    return f"supported (vimpac needs {minimum} or newer)"
+
+
+def check_ffmpeg() -> None:
+    """Raise :class:`FFmpegError` (one line) when the ffmpeg in use is missing or too old."""
+    require_supported(inspect_ffmpeg(*locate_ffmpeg()))
+
+
 def environment_report() -> dict[str, Any]:
     import torch
 
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
-    try:
-        report["ffmpeg"] = f"{ffmpeg_exe()} ({ffmpeg_source()})"
-        report["ffmpeg version"] = ffmpeg_version()
-    except FFmpegNotFound as exc:
-        report["ffmpeg"] = f"NOT FOUND: {exc}"
+    report.update(ffmpeg_report())
     report["torch build"] = f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"
     report["cpu threads"] = torch.get_num_threads()
     if torch.cuda.is_available():

@@ -18,7 +18,8 @@ Deliberate differences from the original:
 * One-frame or very short videos for which the ``fps`` filter emits nothing still give one frame
   (the first source frame).
 * The input is treated as hostile (this runs over millions of uncurated files):
-  :func:`check_input` refuses text files (playlists, concat lists), empty and non-regular files;
+  :func:`check_input` recognises containers by magic and structure (:data:`CONTAINERS`) and
+  refuses unrecognised text files (playlists, concat lists), empty and non-regular files;
   ffmpeg opens only the ``file:`` protocol and only the demuxers in :data:`ALLOWED_DEMUXERS` (no
   hls, dash, concat, image2, avisynth, ...: no input can pull in another file or URL); MOV
   external data references stay off (ffmpeg's default ``enable_drefs=0``); a decoded frame may
@@ -36,11 +37,12 @@ import math
 import os
 import re
 import select
+import signal
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import ffmpeg
@@ -128,15 +130,32 @@ class VideoInfo:
 # ----------------------------------------------------------------------------- input checks
 
 
-def check_input(path: str | os.PathLike) -> None:
+def check_input(path: str | os.PathLike) -> str | None:
     """Refuse what must never reach ffmpeg: missing, non-regular, empty and text files.
 
-    Text files are refused because the dangerous inputs (HLS playlists, ffconcat lists, URL lists)
-    are text, and no video container starts with text.
+    The file's first :data:`SNIFF_BYTES` are first matched against :data:`CONTAINERS` (magic
+    numbers and structure): a recognised container goes to ffmpeg, which opens it under the
+    demuxer whitelist, however much readable text its header holds (AVI ``JUNK`` padding,
+    Matroska attachments, ...). Anything else is refused when it looks like text, because the
+    dangerous inputs (HLS playlists, ffconcat lists, URL lists) are text.
+    Returns:
+        The recognised container's name, or None for an unrecognised binary file.
     Raises:
         VideoError: with the reason.
     """
     path = os.fspath(path)
+    head = _read_head(path)
+    kind = sniff_container(head)
+    if kind is not None:
+        return kind
+    reason = _text_reason(head)
+    if reason:
+        raise VideoError(path, reason)
+    return None
+
+
+def _read_head(path: str) -> bytes:
+    """The first :data:`SNIFF_BYTES` of a regular, non-empty file (else VideoError)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -151,16 +170,108 @@ def check_input(path: str | os.PathLike) -> None:
         raise VideoError(path, "empty file (0 bytes)")
     try:
         with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
+            return f.read(SNIFF_BYTES)
     except OSError as exc:
         raise VideoError(path, f"cannot read file: {exc.strerror or exc}") from None
-    reason = _text_reason(head)
-    if reason:
-        raise VideoError(path, reason)
+
+
+# ----------------------------------------------------------------------------- container magic
+
+Recognizer = Callable[[bytes], bool]
+
+
+def _starts(*magics: bytes) -> Recognizer:
+    return lambda head: head.startswith(magics)
+
+
+def _riff(*forms: bytes) -> Recognizer:
+    """RIFF header: "RIFF", little-endian size, form type (e.g. "AVI ")."""
+    return lambda head: head[:4] == b"RIFF" and head[8:12] in forms \
+        and int.from_bytes(head[4:8], "little") >= 4
+
+
+# First boxes of MP4 / QuickTime files: "ftyp" (ISO), or an old QuickTime file's first atom.
+_BMFF_FIRST_BOXES = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot",
+                     b"uuid", b"moof", b"sidx"}
+
+
+def _iso_bmff(head: bytes) -> bool:
+    """ISO base media (MP4, MOV, 3GP): a first box of a known type and a possible size."""
+    if len(head) < 8 or head[4:8] not in _BMFF_FIRST_BOXES:
+        return False
+    size = int.from_bytes(head[:4], "big")
+    if size == 1:                                   # 64-bit size follows the type
+        return len(head) >= 16 and int.from_bytes(head[8:16], "big") >= 16
+    return size == 0 or size >= 8                   # 0: the box runs to the end of the file
+
+
+def _ogg(head: bytes) -> bool:
+    return head[:4] == b"OggS" and head[4:5] == b"\x00"       # capture pattern, version 0
+
+
+def _flv(head: bytes) -> bool:
+    return head[:4] == b"FLV\x01" and int.from_bytes(head[5:9], "big") >= 9   # header size
+
+
+def _ivf(head: bytes) -> bool:
+    return head[:4] == b"DKIF" and int.from_bytes(head[6:8], "little") >= 32  # header size
+
+
+def _transport_stream(packet: int) -> Recognizer:
+    """MPEG-TS (188-byte packets) or M2TS/BDAV (192: a 4-byte timestamp, then the packet).
+
+    A capture may start anywhere in a packet: some shift puts the 0x47 sync byte of every packet
+    in ``head`` in place, at least 3 of them.
+    """
+    def recognize(head: bytes) -> bool:
+        return any(len(syncs := head[start::packet]) >= 3 and syncs.count(0x47) == len(syncs)
+                   for start in range(min(packet, len(head))))
+    return recognize
+
+
+def _annex_b(head: bytes) -> bool:
+    """Raw H.264 / HEVC (Annex B): a start code, then a NAL header with its forbidden bit 0."""
+    for code in (b"\x00\x00\x00\x01", b"\x00\x00\x01"):
+        if head.startswith(code) and len(head) > len(code):
+            return head[len(code)] & 0x80 == 0
+    return False
+
+
+# (name, recognizer): the containers vimpac's whitelisted demuxers read (and WAVE, which ffmpeg
+# then refuses as audio), tried in order, the first match naming the file.
+CONTAINERS: tuple[tuple[str, Recognizer], ...] = (
+    ("AVI (RIFF)", _riff(b"AVI ", b"AVIX")),
+    ("WAVE (RIFF)", _riff(b"WAVE")),
+    ("MP4/QuickTime (ISO-BMFF)", _iso_bmff),
+    ("Matroska/WebM (EBML)", _starts(b"\x1a\x45\xdf\xa3")),
+    ("Ogg", _ogg),
+    ("MPEG-PS", _starts(b"\x00\x00\x01\xba")),
+    ("MPEG video elementary stream", _starts(b"\x00\x00\x01\xb3")),
+    ("MPEG-TS", _transport_stream(188)),
+    ("MPEG-TS (M2TS)", _transport_stream(192)),
+    ("FLV", _flv),
+    ("ASF/WMV", _starts(bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c"))),
+    ("RealMedia", _starts(b".RMF")),
+    ("NUT", _starts(b"nut/multimedia container\x00")),
+    ("IVF", _ivf),
+    ("DV", _starts(b"\x1f\x07\x00")),
+    ("AV1 (OBU)", _starts(b"\x12\x00")),
+    ("H.264/HEVC (Annex B)", _annex_b),
+    ("MJPEG", _starts(b"\xff\xd8\xff")),
+    ("GIF", _starts(b"GIF87a", b"GIF89a")),
+)
+
+
+def sniff_container(head: bytes) -> str | None:
+    """Name of the container whose magic and structure ``head`` (a file's start) has, or None."""
+    return next((name for name, recognize in CONTAINERS if recognize(head)), None)
 
 
 def _text_reason(head: bytes) -> str | None:
-    """Why ``head`` (a file's first bytes) looks like a text file, or None if it looks binary."""
+    """Why ``head`` (a file's first bytes) looks like a text file, or None if it looks binary.
+
+    A NUL or any other control byte but tab, CR and LF makes it binary.
+    """
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "text file (UTF-16), not a video"
     body = head.removeprefix(b"\xef\xbb\xbf")
@@ -174,12 +285,10 @@ def _text_reason(head: bytes) -> str | None:
     if arr.size == 0:
         return "text file (only a byte-order mark), not a video"
     printable = np.isin(arr, (9, 10, 13)) | ((arr >= 32) & (arr < 127))
-    controls = int(np.count_nonzero((arr < 128) & ~printable))
-    ratio = float(printable.mean())
-    if controls == 0 or ratio >= 0.95:
-        return (f"text file ({ratio:.0%} printable ASCII and no binary control bytes in the first "
-                f"{arr.size} bytes), not a video; refused")
-    return None
+    if np.count_nonzero((arr < 128) & ~printable):
+        return None
+    return (f"text file (no NUL or other control byte in the first {arr.size} bytes, "
+            f"{printable.mean():.0%} printable ASCII) and no known video container; refused")
 
 
 def _input_options(path: str, threads: int | None = None) -> tuple[str, dict[str, object]]:
@@ -248,6 +357,8 @@ def _run_probe(path: str, timeout_s: float, timeout_error: VideoError) -> str:
                              stderr=subprocess.PIPE, timeout=max(timeout_s, 0.001), check=False)
     except subprocess.TimeoutExpired:
         raise timeout_error from None
+    if out.returncode < 0:
+        raise VideoError(path, _crash_reason(out.returncode))
     return out.stderr.decode("utf-8", "replace")
 
 
@@ -318,6 +429,28 @@ _KNOWN_ERRORS = (  # (words that must all be on one line of ffmpeg's stderr, low
 )
 
 
+_CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"}
+
+
+def _crash_reason(returncode: int) -> str:
+    """Reason for an ffmpeg that died from a signal (``returncode`` < 0) it did not get from us."""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if name in _CRASH_SIGNALS:
+        return (f"ffmpeg crashed ({name}) on this file: a bug in this ffmpeg build; another "
+                "build (VIMPAC_FFMPEG) may read it")
+    return f"ffmpeg was killed by {name}"
+
+
+def _failure_reason(returncode: int, lines: list[str]) -> str:
+    """Why ffmpeg exited with ``returncode`` != 0, from its stderr ``lines``."""
+    if returncode < 0:
+        return _crash_reason(returncode)
+    return _ffmpeg_reason(lines, f"ffmpeg failed (exit {returncode})")
+
+
 def _ffmpeg_reason(lines: list[str], default: str) -> str:
     """A short, specific reason from ffmpeg's error output (else ``default`` + its last line)."""
     low = [line.lower() for line in lines]
@@ -360,6 +493,7 @@ def decode_frames(path: str | os.PathLike, spec: DecodeSpec, *, chunk_frames: in
     iterator early kills and reaps ffmpeg; so does setting ``cancel`` (then VideoError).
     Raises:
         VideoError: refused, unreadable or broken input, no video stream, no frames, or timeout.
+        FFmpegError: no usable ffmpeg (missing, or older than 4.2), raised at the call.
     """
     views = decode_views(path, [spec], chunk_frames=chunk_frames, timeout_s=timeout_s,
                          threads=threads, cancel=cancel)
@@ -397,6 +531,7 @@ def decode_views(path: str | os.PathLike, specs: Sequence[DecodeSpec], *, chunk_
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     path = os.fspath(path)
     check_input(path)
+    ffmpeg_exe()        # a missing or too old ffmpeg is refused here (FFmpegError), not per chunk
     return _decode_chunks(path, specs, chunk_frames, _Budget(path, timeout_s, cancel), threads)
 
 
@@ -471,7 +606,7 @@ def count_frames(path: str | os.PathLike, fps: float | None, *, timeout_s: float
     counts = re.findall(rb"^frame=(\d+)", out.stdout, re.MULTILINE)
     if out.returncode != 0 or not counts:
         lines = out.stderr.decode("utf-8", "replace").splitlines()
-        raise VideoError(path, _ffmpeg_reason(lines, f"ffmpeg failed (exit {out.returncode})"))
+        raise VideoError(path, _failure_reason(out.returncode, lines))
     return int(counts[-1])
 
 
@@ -613,7 +748,7 @@ def _stream_frames(path: str, cmd: list[str], specs: list[DecodeSpec], chunk_fra
         rc = _wait(proc, budget)
         lines = tail.join()
         if rc != 0:
-            reason = _ffmpeg_reason(lines, f"ffmpeg failed (exit {rc})")
+            reason = _failure_reason(rc, lines)
             if total == 0:
                 raise _FfmpegFailed(path, reason)
             logger.warning("%s: ffmpeg exited %d after %d frames (kept them): %s", path, rc,

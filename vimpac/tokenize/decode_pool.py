@@ -25,6 +25,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from vimpac.common.ffmpeg_exe import ffmpeg_exe
 from vimpac.common.video import DecodeSpec, VideoError, decode_views
 
 Task = tuple[int, str, list[DecodeSpec]]
@@ -59,6 +60,7 @@ class DecodePool:
 
     def __init__(self, workers: int, chunk_frames: int = 64, timeout_s: float = 600.0,
                  max_queued_chunks: int = 16) -> None:
+        ffmpeg_exe()   # a missing or too old ffmpeg stops the job here, not once per video
         self.workers, self.chunk_frames, self.timeout_s = workers, chunk_frames, timeout_s
         self._inline: list[Task] = []
         self._inline_iter: Iterator[Message] | None = None
