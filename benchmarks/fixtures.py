@@ -56,7 +56,8 @@ def make_tokenizer(folder: Path, kind: str, seed: int = 0) -> Path:
     """Save an untrained (random-weight) VQ tokenizer of architecture ``kind`` to ``folder``."""
     import torch
 
-    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+    from vimpac.tokenize.tokenizer import save_tokenizer
+    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer
 
     if not (folder / "config.json").exists():
         torch.manual_seed(seed)

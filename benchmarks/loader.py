@@ -75,7 +75,7 @@ def clip_command(path: Path, start: float, seconds: float) -> list[str]:
 def onthefly_rate(videos: list[tuple[Path, float]], model: object, clips: int,
                   seed: int = 0) -> float:
     """Clips/s of decoding a random T-frame clip with ffmpeg and encoding it (no cache)."""
-    from vimpac.tokenize.vqvae import encode_frames
+    from vimpac.tokenize.tokenizer import encode_frames
 
     rng = np.random.default_rng(seed)
     seconds = FRAMES / FPS
@@ -93,7 +93,7 @@ def onthefly_rate(videos: list[tuple[Path, float]], model: object, clips: int,
 def run(scale: Scale, work: Path) -> BenchResult:
     from vimpac.common.storage import location
     from vimpac.common.video import probe
-    from vimpac.tokenize.vqvae import load_tokenizer
+    from vimpac.tokenize.tokenizer import load_tokenizer
 
     archive = write_token_archive(
         work / "loader-archive", shards=scale.loader_shards,

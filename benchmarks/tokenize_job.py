@@ -69,7 +69,7 @@ def encode_only(tokenizer: Path, frames: np.ndarray, device: str = "cpu") -> flo
     warm-up batch; CUDA work is synchronised before the clock stops)."""
     import torch
 
-    from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
+    from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer
 
     model = load_tokenizer(tokenizer, device=device)
     encode_frames(model, frames[:BATCH], batch_size=BATCH, device=device)   # warm-up

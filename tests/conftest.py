@@ -53,7 +53,8 @@ def tiny_tokenizer(tmp_path_factory):
     """An untrained (random) 64-code VQ-VAE saved to disk: enough to exercise the pipeline."""
     import torch
 
-    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+    from vimpac.tokenize.tokenizer import save_tokenizer
+    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tokenizer") / "tok"

@@ -16,7 +16,7 @@ from vimpac.common.video import DecodeSpec, decode_video
 from vimpac.finetune.train import run_finetune
 from vimpac.pretrain.model import PRESETS, VimpacBackbone
 from vimpac.pretrain.train import run_pretrain
-from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
+from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

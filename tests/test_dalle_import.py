@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vimpac.tokenize.dalle_import import dalle_key_to_ours, import_dalle
-from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
+from vimpac.tokenize.dalle import dalle_key_to_ours, import_dalle
+from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer
 
 
 def frames(n: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:

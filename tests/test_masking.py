@@ -1,17 +1,24 @@
-"""Block and i.i.d. masking: Table 2 ratios, cube shapes, uniform placement, determinism, [PAD]."""
+"""Masking: Table 2 ratios, cube shapes, uniform placement, determinism, [PAD]; the MASKS table
+(block, iid, tube) as training, the config and the report use it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from vimpac.pretrain.masking import (
+    MASKS,
+    Masking,
+    MaskParams,
     _cover_probability,
     apply_mask,
     block_mask,
     default_num_blocks,
     expected_block_ratio,
     iid_mask,
+    tube_cells,
+    tube_mask,
 )
 
 # Paper Table 2: expected masked ratio (%) for 4..8 blocks.
@@ -115,3 +122,107 @@ def test_small_grids_and_bad_arguments() -> None:
         block_mask(1, 5, 8, 8, -1)
     with pytest.raises(ValueError, match="ratio=1.5"):
         iid_mask(1, 5, 8, 8, 1.5)
+
+
+# ------------------------------------------------------------------------------ the MASKS table
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_every_strategy_is_a_pure_function_of_grid_params_and_generator(name: str) -> None:
+    sample, params = MASKS[name].sample, MaskParams(ratio=0.3)
+    a = sample((6, 5, 8, 12), params, _gen(11))
+    assert a.shape == (6, 5, 8, 12) and a.dtype == torch.bool and a.any()
+    assert torch.equal(a, sample((6, 5, 8, 12), params, _gen(11)))
+    assert not torch.equal(a, sample((6, 5, 8, 12), params, _gen(12)))
+    assert MASKS[name].name == name
+
+
+def test_table_entries_are_the_paper_functions_with_the_configs_settings() -> None:
+    grid = (16, 5, 16, 16)
+    assert torch.equal(MASKS["block"].sample(grid, MaskParams(), _gen(1)),
+                       block_mask(*grid, default_num_blocks(5, 16), generator=_gen(1)))
+    assert torch.equal(MASKS["block"].sample(grid, MaskParams(num_blocks=9), _gen(1)),
+                       block_mask(*grid, 9, generator=_gen(1)))
+    assert torch.equal(MASKS["iid"].sample(grid, MaskParams(ratio=0.2), _gen(1)),
+                       iid_mask(*grid, 0.2, generator=_gen(1)))
+
+
+def test_tube_masks_the_same_cells_on_every_frame() -> None:
+    mask = tube_mask(500, 5, 8, 8, 0.5, generator=_gen(2))
+    assert torch.equal(mask, mask[:, :1].expand_as(mask))            # a tube through time
+    assert (mask[:, 0].sum(dim=(1, 2)) == 32).all()                  # exactly the ratio, per clip
+    assert len({m.tobytes() for m in mask[:, 0].numpy()}) == 500      # a new plane per clip
+
+
+@pytest.mark.parametrize(("ratio", "cells"), [(0.9, 230), (0.145, 37), (0.001, 1), (1.0, 256)])
+def test_tube_ratio_is_the_configured_one(ratio: float, cells: int) -> None:
+    assert tube_cells(16, 16, ratio) == cells
+    mask = MASKS["tube"].sample((64, 5, 16, 16), MaskParams(ratio=ratio), _gen(3))
+    assert mask.float().mean().item() == pytest.approx(cells / 256)
+    assert (mask.sum(dim=(1, 2, 3)) == 5 * cells).all()
+
+
+def test_every_cell_is_equally_likely_in_a_tube() -> None:
+    coverage = tube_mask(20_000, 1, 6, 6, 0.25, generator=_gen(4))[:, 0].float().mean(dim=0)
+    torch.testing.assert_close(coverage, torch.full((6, 6), 9 / 36), atol=0.015, rtol=0)
+
+
+def test_tube_on_the_generators_device_and_bad_ratios() -> None:
+    assert tube_mask(2, 3, 4, 4, 0.5).device.type == "cpu"
+    with pytest.raises(ValueError, match="ratio=1.5"):
+        tube_mask(1, 5, 8, 8, 1.5)
+    with pytest.raises(ValueError, match="T=0"):
+        MASKS["tube"].sample((1, 0, 8, 8), MaskParams(), _gen(0))
+
+
+def _pretrain_cfg(**kw):
+    from vimpac.common.config import PretrainConfig
+
+    return PretrainConfig(**{**dict(frames=5, grid=8, model="tiny", batch_size=4,
+                                    micro_batch=4), **kw})
+
+
+def test_the_configs_masking_choices_are_the_table(monkeypatch) -> None:
+    from vimpac.common.config import ConfigError, load_pipeline
+
+    assert load_pipeline("demo", overrides=["pretrain.masking=tube"]).pretrain.masking == "tube"
+    with pytest.raises(ConfigError, match="pretrain.masking = 'cubes': expected one of "
+                                          "block, iid, tube"):
+        load_pipeline("demo", overrides=["pretrain.masking=cubes"])
+    monkeypatch.setitem(MASKS, "all", Masking("all", lambda g, p, gen: torch.ones(g, dtype=bool),
+                                              lambda g, p: "everything"))
+    assert load_pipeline("demo", overrides=["pretrain.masking=all"]).pretrain.masking == "all"
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_training_masks_with_the_configured_strategy(name: str) -> None:
+    from vimpac.pretrain.train import Plan, mask_batch, model_config
+
+    cfg = _pretrain_cfg(masking=name, mask_ratio=0.3)
+    model_cfg = model_config(cfg, 64)
+    tokens = torch.randint(0, 64, (8, 5, 8, 8), generator=_gen(5))
+    tokens[:2, 4:] = model_cfg.pad_id
+    inputs, mask = mask_batch(tokens, cfg, Plan.build(cfg, 1), model_cfg, _gen(6))
+    expected = MASKS[name].sample((8, 5, 8, 8), MaskParams.of(cfg), _gen(6))
+    assert torch.equal(mask, expected & (tokens != model_cfg.pad_id))
+    assert torch.equal(inputs[mask], torch.full_like(inputs[mask], model_cfg.mask_id))
+
+
+def test_the_report_draws_the_selected_strategy(tmp_path, monkeypatch) -> None:
+    from vimpac import report
+    from vimpac.tokenize import visualize
+
+    drawn = {}
+
+    def capture(frames, mask, png, title):
+        drawn[title.split(" ")[0]] = mask
+        return png
+
+    monkeypatch.setattr(visualize, "mask_overlay_png", capture)
+    frames = np.zeros((5, 64, 64, 3), np.uint8)
+    for name in MASKS:
+        report.draw_mask(_pretrain_cfg(masking=name, mask_ratio=0.4), frames, (8, 8),
+                         tmp_path / "m.png")
+    assert set(drawn) == set(MASKS)
+    tube, block = drawn["tube"], drawn["block"]
+    assert (tube == tube[:1]).all() and tube.mean() == pytest.approx(26 / 64)
+    assert not (block == block[:1]).all()

@@ -43,7 +43,7 @@ from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.train import run_pretrain
 from vimpac.tokenize.job import run_tokenize
-from vimpac.tokenize.vqvae import load_tokenizer
+from vimpac.tokenize.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

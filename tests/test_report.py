@@ -59,3 +59,27 @@ def test_one_arm_has_no_gain_row(tmp_path):
 def test_comparison_png_is_written(tmp_path):
     png = plot_comparison(evaluated(tmp_path, 0.4, 0.275), tmp_path)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class FakeRun(FakeContext):
+    config: object = None
+
+
+def test_mask_picture_draws_the_selected_strategy_over_real_frames(tiny_tokenizer, tmp_path):
+    from conftest import make_test_video
+    from PIL import Image
+
+    from vimpac.common.config import PipelineConfig, PretrainConfig, TokenizeConfig
+    from vimpac.report import plot_masks
+    from vimpac.tokenize.job import run_tokenize
+
+    video = make_test_video(tmp_path / "v.mp4", seconds=2.0)
+    run_tokenize([str(video)], tiny_tokenizer, tmp_path / "tokens" / "archive",
+                 TokenizeConfig(fps=4.0, shorter_side=32, size=32, decode_workers=0))
+    config = PipelineConfig(pretrain=PretrainConfig(masking="tube", frames=4, grid=4,
+                                                    mask_ratio=0.5))
+    ctx = FakeRun({"tokens-pretrain": FakeStage(tmp_path / "tokens")}, config)
+    png = plot_masks(ctx, tmp_path)
+    assert png == tmp_path / "masks.png"
+    assert Image.open(png).size == (880, 253)            # four frames side by side, titled

@@ -17,7 +17,7 @@ from vimpac.archive import Archive, ChecksumError, read_tokens, verify
 from vimpac.common.config import TokenizeConfig
 from vimpac.common.video import decode_video
 from vimpac.tokenize.job import collect_inputs, decode_specs, run_tokenize, worker_of
-from vimpac.tokenize.vqvae import encode_frames, load_tokenizer
+from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer
 
 CFG = dict(fps=4.0, shorter_side=32, size=32, decode_workers=0, videos_per_shard=2,
            chunk_frames=4, batch_frames=32)

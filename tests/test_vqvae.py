@@ -12,17 +12,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from vimpac.tokenize import base
 from vimpac.tokenize import train_tokenizer as tt
-from vimpac.tokenize import vqvae
+from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer, save_tokenizer
 from vimpac.tokenize.train_tokenizer import TokenizerTrainSpec, train_tokenizer_on_frames
-from vimpac.tokenize.vqvae import (
-    VectorQuantizer,
-    VQConfig,
-    VQTokenizer,
-    encode_frames,
-    load_tokenizer,
-    save_tokenizer,
-)
+from vimpac.tokenize.vqvae import VectorQuantizer, VQConfig, VQTokenizer
 
 TINY = VQConfig(codebook_size=64, channels=8, code_dim=8, image_size=32)
 
@@ -125,7 +119,7 @@ def test_save_is_atomic_and_replaces_existing(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(vqvae, "save_file", broken_save)
+    monkeypatch.setattr(base, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_tokenizer(make_model(seed=1), out)
     assert load_tokenizer(out).fingerprint() == first  # old tokenizer intact

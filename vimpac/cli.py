@@ -277,7 +277,7 @@ def tokenizer_spec(tk: Any) -> Any:
 @handle_errors
 def tokenizer_import_dalle(encoder_pkl: str, out_dir: str) -> None:
     """Convert OpenAI's DALL-E encoder.pkl (trusted files only) into vimpac's format."""
-    from vimpac.tokenize.dalle_import import import_dalle
+    from vimpac.tokenize.dalle import import_dalle
 
     model = import_dalle(encoder_pkl, out_dir)
     out.print(f"DALL-E encoder imported to {out_dir} (fingerprint {model.fingerprint()[:16]})")

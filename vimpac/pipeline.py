@@ -212,7 +212,7 @@ def _tokenizer_dir(ctx: RunContext) -> Path:
 def stage_tokenizer(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     tk = ctx.config.tokenizer
     if tk.source == "dalle":
-        from vimpac.tokenize.dalle_import import import_dalle
+        from vimpac.tokenize.dalle import import_dalle
 
         if not Path(tk.path).is_file():
             raise PipelineError(f"tokenizer.path = {tk.path!r}: no such file (OpenAI's DALL-E "

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from vimpac.common.config import PretrainConfig
     from vimpac.pipeline import RunContext
 
 log = logging.getLogger(__name__)
@@ -140,18 +143,16 @@ def plot_comparison(ctx: RunContext, out: Path) -> Path | None:
 
 
 def plot_masks(ctx: RunContext, out: Path) -> Path | None:
-    """The paper's block masks, drawn over real frames of a pre-training video."""
-    import torch
-
+    """Masks of the configured strategy (``pretrain.masking``), drawn over real frames of a
+    pre-training video."""
     from vimpac.archive import Archive
     from vimpac.common.video import DecodeSpec, VideoError, decode_video
-    from vimpac.pretrain.masking import block_mask, default_num_blocks
-    from vimpac.tokenize.visualize import mask_overlay_png
 
     if "tokens-pretrain" not in ctx.stages:
         return None
     archive = Archive(ctx.path("tokens-pretrain") / "archive")
     pt, s = ctx.config.pretrain, archive.settings
+    # at the token frame rate: frame t is the first frame token frame t was encoded from
     spec = DecodeSpec(fps=s.fps, shorter_side=s.shorter_side, size=s.size, crop="center")
     for entry in archive.entries:
         if entry.frames < pt.frames:
@@ -160,14 +161,23 @@ def plot_masks(ctx: RunContext, out: Path) -> Path | None:
             frames = decode_video(archive.records[entry.key].source, spec)[:pt.frames]
         except VideoError:
             continue
-        grid = s.grid[0]
-        blocks = pt.num_blocks or default_num_blocks(pt.frames, grid)
-        gen = torch.Generator().manual_seed(0)
-        mask = block_mask(1, pt.frames, grid, grid, blocks, generator=gen)[0].numpy()
-        return mask_overlay_png(frames, mask, out / "masks.png",
-                                f"{blocks} blocks over T={pt.frames}, {grid}x{grid} tokens: "
-                                f"{mask.mean():.1%} masked")
+        return draw_mask(pt, frames, s.grid, out / "masks.png")
     return None
+
+
+def draw_mask(pt: PretrainConfig, frames: np.ndarray, grid: tuple[int, int], png: Path) -> Path:
+    """One mask of ``MASKS[pt.masking]`` (seed 0) over ``frames`` [T, S, S, 3], written to
+    ``png``; the title says the strategy, its settings and the masked fraction."""
+    import torch
+
+    from vimpac.pretrain.masking import MASKS, MaskParams
+    from vimpac.tokenize.visualize import mask_overlay_png
+
+    masking, params = MASKS[pt.masking], MaskParams.of(pt)
+    shape = (1, len(frames), *grid)
+    mask = masking.sample(shape, params, torch.Generator().manual_seed(0))[0].numpy()
+    return mask_overlay_png(frames, mask, png, f"{masking.name} masking: "
+                            f"{masking.caption(shape, params)}: {mask.mean():.1%} masked")
 
 
 def _copy(src: Path, out: Path, name: str) -> Path | None:
@@ -196,7 +206,8 @@ def write_report(ctx: RunContext, out: Path) -> dict[str, Any]:
         pictures.append(("Tokenizer: held-out frames (top) and reconstructions (bottom)",
                          _copy(ctx.path("tokenizer") / "reconstructions.png", out,
                                "reconstructions.png")))
-    for title, fn in (("Block masks over real frames", plot_masks),
+    masks = f"Masks over real frames ({ctx.config.pretrain.masking} masking)"
+    for title, fn in ((masks, plot_masks),
                       ("Loss and accuracy curves", plot_curves),
                       ("Pre-trained vs scratch", plot_comparison)):
         try:

@@ -31,6 +31,7 @@ MAX_CODEBOOK = int(np.iinfo(TOKEN_DTYPE).max) + 1     # ids are stored as uint16
 MAX_MANIFEST_BYTES = 4 << 30                          # ~10 M videos; anything larger is refused
 MAX_TEXT = 4096                                        # keys, paths: a practical bound
 MAX_FRAMES = 1 << 40
+MAX_TEMPORAL_STRIDE = 1024
 SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VIEW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PART_NAME = re.compile(r"^worker-(\d{5})-of-(\d{5})\.json$")
@@ -61,6 +62,16 @@ def make_views(scales: list[float], crops: list[str], hflip: bool) -> list[View]
     return views
 
 
+# Fields added after format version 1 was first written: stored only when they differ from these
+# values, which every earlier archive implies, so archives that do not use them stay byte-identical
+# to those of earlier versions (and earlier readers read them as before).
+_IMPLIED = {"temporal_stride": 1, "decoded_frames": 0}
+
+
+def _without_implied(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in _IMPLIED or v != _IMPLIED[k]}
+
+
 @dataclass
 class ArchiveSettings:
     """What every video in an archive shares; mismatches between workers are errors."""
@@ -77,15 +88,22 @@ class ArchiveSettings:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     dtype: str = "uint16"
+    temporal_stride: int = 1               # decoded frames per token frame (decoded at fps x this)
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = _without_implied(dataclasses.asdict(self))
         out["grid"] = list(self.grid)
         return out
 
+    @property
+    def decode_fps(self) -> float:
+        """Frame rate the sources were decoded at: ``temporal_stride`` frames per token frame."""
+        return self.fps * self.temporal_stride
+
     def compatible_key(self) -> dict[str, Any]:
-        """The settings that must agree for archives to be read together (dataset excluded)."""
-        out = self.to_json()
+        """The settings that must agree for archives to be read together (dataset excluded);
+        every field, implied ones too, so a difference always names its key."""
+        out = {**dataclasses.asdict(self), "grid": list(self.grid)}
         out.pop("dataset")
         return out
 
@@ -108,9 +126,13 @@ class VideoRecord:
     index: int = -1                         # position inside its shard
     label: int = -1
     splits: list[str] = field(default_factory=list)
+    decoded_frames: int = 0                 # frames decoded, when temporal stride > 1 (else 0)
 
     def same_source(self, size: int, mtime: float) -> bool:
         return self.size == size and abs(self.mtime - mtime) < 1e-6
+
+    def to_json(self) -> dict[str, Any]:
+        return _without_implied(dataclasses.asdict(self))
 
 
 @dataclass
@@ -142,7 +164,7 @@ class ManifestPart:
             "worker": self.worker, "num_workers": self.num_workers, "complete": self.complete,
             "settings": self.settings.to_json(),
             "shards": [dataclasses.asdict(s) for s in self.shards],
-            "videos": [dataclasses.asdict(v) for v in self.videos.values()],
+            "videos": [v.to_json() for v in self.videos.values()],
         }
 
 
@@ -281,7 +303,9 @@ def parse_settings(f: _Fields, raw: Any, where: str = "settings") -> ArchiveSett
         format=f.text(data, "format", where, default=FORMAT_NAME, max_len=64),
         format_version=f.integer(data, "format_version", where, 0, 1 << 30,
                                  default=FORMAT_VERSION),
-        dtype=f.text(data, "dtype", where, default="uint16", max_len=16))
+        dtype=f.text(data, "dtype", where, default="uint16", max_len=16),
+        temporal_stride=f.integer(data, "temporal_stride", where, 1, MAX_TEMPORAL_STRIDE,
+                                  default=1))
     if settings.dtype != "uint16":
         raise f.fail(f"{where}.dtype", "expected 'uint16'", settings.dtype)
     return settings
@@ -301,7 +325,8 @@ def _parse_video(f: _Fields, raw: Any, where: str) -> VideoRecord:
         shard=f.text(data, "shard", where, default="", max_len=128),
         index=f.integer(data, "index", where, -1, 1 << 40, default=-1),
         label=f.integer(data, "label", where, -1, (1 << 31) - 1, default=-1),
-        splits=f.texts(data, "splits", where, default=[], max_len=64))
+        splits=f.texts(data, "splits", where, default=[], max_len=64),
+        decoded_frames=f.integer(data, "decoded_frames", where, 0, MAX_FRAMES, default=0))
     if rec.status == "ok" and (not SHARD_NAME.match(rec.shard) or rec.index < 0
                                or rec.frames < 1):
         raise f.fail(where, f"video {rec.key!r} is ok but has no shard, index or frames")
@@ -354,9 +379,19 @@ def parse_part(data: Any, label: str) -> ManifestPart:
               for i, raw in enumerate(f.items(data, "shards", ""))]
     if len({s.name for s in shards}) != len(shards):
         raise f.fail("shards", "duplicate shard names")
-    return ManifestPart(settings=parse_settings(f, data.get("settings")), worker=worker,
-                        num_workers=num_workers, videos=videos, shards=shards,
-                        complete=f.flag(data, "complete", "", default=False))
+    settings = parse_settings(f, data.get("settings"))
+    _check_decoded_frames(f, videos, settings.temporal_stride)
+    return ManifestPart(settings=settings, worker=worker, num_workers=num_workers, videos=videos,
+                        shards=shards, complete=f.flag(data, "complete", "", default=False))
+
+
+def _check_decoded_frames(f: _Fields, videos: dict[str, VideoRecord], stride: int) -> None:
+    """A video's decoded frames fill its token frames, the last one at least partly."""
+    for i, rec in enumerate(videos.values()):
+        if rec.decoded_frames and not (rec.frames - 1) * stride < rec.decoded_frames \
+                <= rec.frames * stride:
+            raise f.fail(f"videos[{i}].decoded_frames", f"expected {rec.frames} token frames of "
+                         f"{stride} frames to hold them", rec.decoded_frames)
 
 
 def _no_constants(name: str) -> Any:

@@ -18,6 +18,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,34 @@ class ConfigError(VimpacError, ValueError):
 
 
 def param(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-          le: float | None = None, choices: tuple[Any, ...] | None = None) -> Any:
+          le: float | None = None, choices: Sequence[Any] | None = None) -> Any:
     """A config field: default, one-line description and its allowed range or choices."""
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+class TableChoices(Sequence[str]):
+    """A field's choices read from a stage's table whenever they are used (checking or describing
+    a value), never when the config module is imported: loading a config imports no stage (and no
+    torch)."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self._names = names
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(self._names())[index]
+
+    def __len__(self) -> int:
+        return len(tuple(self._names()))
+
+
+def _masking_names() -> Iterable[str]:
+    """``pretrain.masking``'s choices: the MASKS table, which stays beside the strategies."""
+    from vimpac.pretrain.masking import MASKS
+
+    return MASKS
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -126,10 +149,12 @@ class PretrainConfig:
     frames: int = param(5, "token frames per clip T (paper: 5)", ge=1, le=256)
     grid: int = param(16, "token grid side H=W of the model (16 at 128 px, 32 at 256 px)",
                       ge=1, le=256)
-    masking: str = param("block", "block (paper) or iid (ablation)", choices=("block", "iid"))
+    masking: str = param("block", "masking strategy, a name in vimpac.pretrain.masking.MASKS: "
+                               "block (paper), iid (ablation), tube (VideoMAE)",
+                         choices=TableChoices(_masking_names))
     num_blocks: int = param(0, "cubes per sample; 0 = the paper's Table 2 count for (T, grid)",
                             ge=0, le=1000)
-    mask_ratio: float = param(0.145, "masked fraction for iid masking", gt=0, le=1)
+    mask_ratio: float = param(0.145, "masked fraction for iid and tube masking", gt=0, le=1)
     mlm_weight: float = param(1.0, "weight of the masked-token loss", ge=0)
     contrastive_weight: float = param(1.0, "alpha: weight of the contrastive loss", ge=0)
     temperature: float = param(0.2, "gamma: NT-Xent temperature", gt=0)

@@ -12,7 +12,8 @@ found; they live beside the code that raises them:
 * ``CheckpointError`` (:mod:`vimpac.common.checkpoint`): a checkpoint or weights file;
 * ``PretrainError`` (:mod:`vimpac.pretrain.train`): settings pre-training cannot run with;
 * ``PipelineError`` (:mod:`vimpac.pipeline`): a pipeline that cannot be planned or run;
-* ``StorageError`` (:mod:`vimpac.common.storage`): an object-store read or write that failed.
+* ``StorageError`` (:mod:`vimpac.common.storage`): an object-store read or write that failed;
+* ``TokenizerError`` (:mod:`vimpac.tokenize.base`): a tokenizer folder or weights file.
 """
 
 from __future__ import annotations

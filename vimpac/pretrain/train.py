@@ -46,7 +46,7 @@ from vimpac.pretrain.losses import (
     moving_accuracy,
     pretrain_loss,
 )
-from vimpac.pretrain.masking import apply_mask, block_mask, default_num_blocks, iid_mask
+from vimpac.pretrain.masking import MASKS, MaskParams, apply_mask
 from vimpac.pretrain.model import PRESETS, ModelConfig, VimpacPretrainModel, to_sync_batchnorm
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Plan:
     """Batch arithmetic of one run."""
     micro_batch: int          # videos per forward pass per process
     accumulation: int         # micro-batches per update per process
-    num_blocks: int           # cubes per sample
+    mask: MaskParams          # pretrain.num_blocks and mask_ratio, for MASKS[pretrain.masking]
 
     @classmethod
     def build(cls, cfg: PretrainConfig, world: int) -> Plan:
@@ -69,8 +69,7 @@ class Plan:
         if cfg.batch_size % per_update:
             raise PretrainError(f"pretrain.batch_size ({cfg.batch_size}) must be a multiple of "
                                 f"micro_batch x processes ({cfg.micro_batch} x {world})")
-        blocks = cfg.num_blocks or default_num_blocks(cfg.frames, cfg.grid)
-        return cls(cfg.micro_batch, cfg.batch_size // per_update, blocks)
+        return cls(cfg.micro_batch, cfg.batch_size // per_update, MaskParams.of(cfg))
 
 
 # -------------------------------------------------------------------------------------- building
@@ -137,11 +136,8 @@ def build_loader(archives: list[str], cfg: PretrainConfig, plan: Plan, dist: Dis
 def mask_batch(tokens: torch.Tensor, cfg: PretrainConfig, plan: Plan, model_cfg: ModelConfig,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [N,T,H,W] -> (inputs with [MASK], mask of positions to predict)."""
-    n, t, h, w = tokens.shape
-    if cfg.masking == "block":
-        mask = block_mask(n, t, h, w, plan.num_blocks, generator=generator, device=tokens.device)
-    else:
-        mask = iid_mask(n, t, h, w, cfg.mask_ratio, generator=generator, device=tokens.device)
+    grid = tuple(tokens.shape)
+    mask = MASKS[cfg.masking].sample(grid, plan.mask, generator).to(tokens.device)
     return apply_mask(tokens, mask, pad_id=model_cfg.pad_id, mask_id=model_cfg.mask_id)
 
 

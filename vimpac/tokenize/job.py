@@ -1,8 +1,9 @@
 """The batch tokenize job: videos -> VQ tokens -> a sharded token archive (:mod:`vimpac.archive`).
 
 Decoding runs in ffmpeg processes (:mod:`vimpac.tokenize.decode_pool`: one ffmpeg run per video
-decodes all its views) while this process encodes frames in large batches, so decode and encode
-overlap. Finished videos are written to shards in a fixed order (the worker's sorted video
+decodes all its views) while this process encodes clips of each video's consecutive frames, many
+videos per batch (:class:`_Encoder`), so decode and encode overlap and a tokenizer may compress
+time. Finished videos are written to shards in a fixed order (the worker's sorted video
 list), so a resumed run produces the same shards, bitwise, as an uninterrupted one. Scale-out:
 N independent workers each take the videos whose key hashes to their index and write their own
 shards and manifest part; no coordination server is involved.
@@ -75,8 +76,12 @@ class JobSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
-def decode_specs(cfg: TokenizeConfig, views: list[View]) -> list[DecodeSpec]:
-    return [DecodeSpec(fps=cfg.fps, shorter_side=round(cfg.shorter_side * v.scale), size=cfg.size,
+def decode_specs(cfg: TokenizeConfig, views: list[View], temporal_stride: int = 1
+                 ) -> list[DecodeSpec]:
+    """One decode per view. ``cfg.fps`` is the token frame rate: a tokenizer that takes
+    ``temporal_stride`` frames per token frame gets frames decoded that many times faster."""
+    return [DecodeSpec(fps=cfg.fps * temporal_stride,
+                       shorter_side=round(cfg.shorter_side * v.scale), size=cfg.size,
                        crop=v.crop, hflip=v.hflip) for v in views]
 
 
@@ -92,48 +97,101 @@ _MAX_IN_FLIGHT = 64   # videos submitted but not yet written, while the encoder 
 
 
 class _Encoder:
-    """Gathers frames from many videos into large batches for the VQ-VAE encoder."""
+    """Encodes the frames of many videos in large batches, in clips of one video's frames.
+
+    Each (video, view) stream of frames is cut into clips of the tokenizer's ``clip_frames``
+    consecutive frames; clips of many videos are encoded together, about ``batch_frames`` frames
+    per call. A video's last, partial clip is padded by repeating its last frame (:meth:`end`);
+    :meth:`take` then keeps ceil(frames / temporal stride) token frames, so padding never adds a
+    token frame of its own, and returns the true frame count beside them.
+    """
 
     def __init__(self, model: Any, batch_frames: int, device: str) -> None:
-        self.model, self.batch_frames, self.device = model, batch_frames, device
-        self.pending: list[tuple[int, int, np.ndarray]] = []    # (video, view, frames)
-        self.pending_frames = 0
+        self.model, self.device = model, device
+        self.clip, self.stride_t = model.clip_frames, model.stride[0]
+        self.batch_clips = max(1, batch_frames // self.clip)
+        self.pending: list[tuple[int, int, np.ndarray]] = []    # (video, view, clips [n, L, ...])
+        self.pending_clips = 0
+        self.partial: dict[tuple[int, int], np.ndarray] = {}    # frames short of a whole clip
+        self.received: dict[tuple[int, int], int] = {}          # frames in, per (video, view)
         self.out: dict[tuple[int, int], list[np.ndarray]] = {}
 
+    @property
+    def pending_frames(self) -> int:
+        return self.pending_clips * self.clip
+
     def add(self, video: int, view: int, frames: np.ndarray) -> None:
-        self.pending.append((video, view, frames))
-        self.pending_frames += len(frames)
-        if self.pending_frames >= self.batch_frames:
+        key = (video, view)
+        self.received[key] = self.received.get(key, 0) + len(frames)
+        if key in self.partial:
+            frames = np.concatenate([self.partial.pop(key), frames])
+        whole = len(frames) - len(frames) % self.clip
+        if whole < len(frames):
+            self.partial[key] = frames[whole:]
+        if whole:
+            self._queue(video, view, frames[:whole].reshape(-1, self.clip, *frames.shape[1:]))
+
+    def end(self, video: int, views: int) -> None:
+        """All frames of ``video`` are in: queue each view's partial clip, padded."""
+        for view in range(views):
+            rest = self.partial.pop((video, view), None)
+            if rest is not None:
+                pad = np.repeat(rest[-1:], self.clip - len(rest), axis=0)
+                self._queue(video, view, np.concatenate([rest, pad])[None])
+
+    def _queue(self, video: int, view: int, clips: np.ndarray) -> None:
+        self.pending.append((video, view, clips))
+        self.pending_clips += len(clips)
+        if self.pending_clips >= self.batch_clips:
             self.flush()
 
     def flush(self) -> None:
-        from vimpac.tokenize.vqvae import encode_frames
+        from vimpac.tokenize.tokenizer import encode_clips
 
         if not self.pending:
             return
-        frames = np.concatenate([f for _, _, f in self.pending], axis=0)
-        ids = encode_frames(self.model, frames, batch_size=self.batch_frames, device=self.device)
+        clips = np.concatenate([c for _, _, c in self.pending], axis=0)
+        ids = encode_clips(self.model, clips, batch_size=self.batch_clips, device=self.device)
         start = 0
         for video, view, chunk in self.pending:
-            self.out.setdefault((video, view), []).append(ids[start:start + len(chunk)])
+            tokens = ids[start:start + len(chunk)]                  # [n, L/t, h, w]
+            self.out.setdefault((video, view), []).append(tokens.reshape(-1, *ids.shape[2:]))
             start += len(chunk)
-        self.pending, self.pending_frames = [], 0
+        self.pending, self.pending_clips = [], 0
 
     def has_pending(self, video: int) -> bool:
         """Whether frames of ``video`` still wait for the encoder."""
-        return any(p[0] == video for p in self.pending)
+        return any(p[0] == video for p in self.pending) or \
+            any(key[0] == video for key in self.partial)
 
-    def take(self, video: int, views: int) -> list[np.ndarray]:
+    def take(self, video: int, views: int) -> list[tuple[np.ndarray, int]]:
+        """Per view: (uint16 tokens [ceil(frames / t), h, w], frames decoded)."""
+        self.end(video, views)
         if self.has_pending(video):
             self.flush()
-        return [np.concatenate(self.out.pop((video, v), []) or [np.zeros((0, 1, 1), np.uint16)])
-                for v in range(views)]
+        taken = []
+        for v in range(views):
+            frames = self.received.pop((video, v), 0)
+            tokens = np.concatenate(self.out.pop((video, v), []) or
+                                    [np.zeros((0, 1, 1), np.uint16)])
+            taken.append((tokens[:-(-frames // self.stride_t)], frames))
+        return taken
 
     def drop(self, video: int, views: int) -> None:
         self.pending = [p for p in self.pending if p[0] != video]
-        self.pending_frames = sum(len(p[2]) for p in self.pending)
+        self.pending_clips = sum(len(p[2]) for p in self.pending)
         for v in range(views):
-            self.out.pop((video, v), None)
+            for table in (self.partial, self.received, self.out):
+                table.pop((video, v), None)
+
+
+def token_grid(cfg: TokenizeConfig, model: Any) -> tuple[int, int]:
+    """(H, W) tokens per frame of a ``cfg.size`` crop under the tokenizer's spatial stride."""
+    _, sh, sw = model.stride
+    if cfg.size % sh or cfg.size % sw:
+        raise ValueError(f"tokenize.size = {cfg.size}: not a multiple of tokenizer "
+                         f"{model.name!r}'s spatial stride {sh}x{sw}")
+    return cfg.size // sh, cfg.size // sw
 
 
 class TokenizeJob:
@@ -142,7 +200,7 @@ class TokenizeJob:
     def __init__(self, inputs: Inputs, tokenizer_dir: str | Path, out: str | Path,
                  cfg: TokenizeConfig, worker_index: int = 0, num_workers: int = 1,
                  progress: Progress = NULL_PROGRESS) -> None:
-        from vimpac.tokenize.vqvae import load_tokenizer
+        from vimpac.tokenize.tokenizer import load_tokenizer
 
         if not 0 <= worker_index < num_workers:
             raise ValueError(f"worker index {worker_index} is outside 0..{num_workers - 1}")
@@ -151,13 +209,12 @@ class TokenizeJob:
         self.device = resolve_device(cfg.device)
         self.model = load_tokenizer(tokenizer_dir, device=self.device)
         self.views = make_views(cfg.scales, cfg.crops, cfg.hflip)
-        grid = cfg.size // self.model.downsample
         self.settings = ArchiveSettings(
             tokenizer_fingerprint=self.model.fingerprint(),
-            codebook_size=self.model.codebook_size, grid=(grid, grid), fps=cfg.fps,
-            shorter_side=cfg.shorter_side, size=cfg.size, views=self.views,
-            formats=list(cfg.formats), tokenizer_kind=self.model.config.kind,
-            dataset=inputs.dataset)
+            codebook_size=self.model.codebook_size, grid=token_grid(cfg, self.model),
+            fps=cfg.fps, shorter_side=cfg.shorter_side, size=cfg.size, views=self.views,
+            formats=list(cfg.formats), tokenizer_kind=self.model.name,
+            dataset=inputs.dataset, temporal_stride=self.model.stride[0])
         self.writer: ArchiveWriter | None = None
         self.summary = JobSummary()
 
@@ -238,7 +295,7 @@ class TokenizeJob:
         videos in flight grows while the batch is not full (up to ``_MAX_IN_FLIGHT``).
         """
         task = self.progress.task("tokenize", total=len(todo), unit="videos")
-        specs = decode_specs(self.cfg, self.views)
+        specs = decode_specs(self.cfg, self.views, self.settings.temporal_stride)
         encoder = _Encoder(self.model, self.cfg.batch_frames, self.device)
         lookahead = max(2, 2 * self.cfg.decode_workers)
         done: dict[int, tuple[str, str]] = {}
@@ -278,6 +335,7 @@ class TokenizeJob:
                 encoder.add(index, view, payload[:, view])
         elif kind == "done":
             done[index] = ("ok", "")
+            encoder.end(index, len(self.views))
         else:
             done[index] = ("failed", str(payload))
             encoder.drop(index, len(self.views))
@@ -287,7 +345,8 @@ class TokenizeJob:
         size, mtime = _stat(video.path)
         record = VideoRecord(key=video.key, source=os.path.abspath(video.path), size=size,
                              mtime=mtime, label=video.label, splits=list(video.splits))
-        tokens = encoder.take(index, len(self.views)) if status == "ok" else []
+        taken = encoder.take(index, len(self.views)) if status == "ok" else []
+        tokens = [t for t, _ in taken]
         if status == "ok":
             frames = {len(t) for t in tokens}
             if min(frames) == 0:
@@ -304,9 +363,12 @@ class TokenizeJob:
             self.summary.failures.append((video.path, reason))
             log.warning("%s: %s", video.path, reason)
             return
+        decoded = min(n for _, n in taken)
+        if self.settings.temporal_stride > 1:
+            record.decoded_frames = decoded
         self.writer.add(record, {v.name: t for v, t in zip(self.views, tokens, strict=True)})
         self.summary.ok += 1
-        self.summary.frames += record.frames * len(self.views)
+        self.summary.frames += decoded * len(self.views)
         self.summary.tokens += record.frames * len(self.views) * int(np.prod(self.settings.grid))
 
     def _finish(self) -> None:

@@ -29,13 +29,8 @@ from PIL import Image
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.video import DecodeSpec, VideoError, decode_video
-from vimpac.tokenize.vqvae import (
-    VQConfig,
-    VQTokenizer,
-    encode_frames,
-    eval_mode,
-    save_tokenizer,
-)
+from vimpac.tokenize.tokenizer import encode_frames, save_tokenizer
+from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +154,7 @@ def split_holdout(per_video: list[np.ndarray], holdout: float, seed: int,
 
 
 def to_model_input(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,H,W,3] -> float32 [N,3,H,W] in [-1,1] (the vqvae kind's input space)."""
+    """uint8 [N,H,W,3] -> float32 [N,3,H,W] in [-1,1] (the VQ-VAE's input space)."""
     return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 

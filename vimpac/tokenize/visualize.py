@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,28 +38,24 @@ def inspect_archive(archive_dir: str | Path, out_png: str | Path, *,
     view = settings.views[0]
     model = None
     if tokenizer_dir is not None:
-        from vimpac.tokenize.vqvae import load_tokenizer
+        from vimpac.tokenize.tokenizer import load_tokenizer
 
         model = load_tokenizer(tokenizer_dir)
         if model.fingerprint() != settings.tokenizer_fingerprint:
             raise ValueError(f"{tokenizer_dir}: tokenizer fingerprint differs from the one "
                              f"{archive_dir} was written with")
     entries = archive.entries[:videos]
-    rows = 3 if model is not None and model.config.kind == "vqvae" else 2
+    rows = 3 if model is not None and model.can_decode else 2
     fig, axes = plt.subplots(rows * len(entries), frames, squeeze=False,
                              figsize=(2.0 * frames, 2.1 * rows * len(entries)))
+    # at the token frame rate: source[t] is the first frame token frame t was encoded from
     spec = DecodeSpec(fps=settings.fps, shorter_side=round(settings.shorter_side * view.scale),
                       size=settings.size, crop=view.crop, hflip=view.hflip)
     for i, entry in enumerate(entries):
         tokens = archive.read_video(entry.key, view.name)
         picks = np.linspace(0, len(tokens) - 1, num=min(frames, len(tokens))).round().astype(int)
         source = _decode_or_none(archive.records[entry.key].source, spec)
-        recon = None
-        if rows == 3:
-            import torch
-
-            with torch.no_grad():
-                recon = model.decode(torch.from_numpy(tokens[picks].astype(np.int64))).numpy()
+        recon = _reconstruct(model, tokens, picks) if rows == 3 else None
         for j in range(frames):
             for r in range(rows):
                 axes[i * rows + r, j].axis("off")
@@ -71,7 +68,8 @@ def inspect_archive(archive_dir: str | Path, out_png: str | Path, *,
             if recon is not None:
                 axes[i * rows + 1, j].imshow(recon[j])
             axes[i * rows + rows - 1, j].imshow(
-                _upsample(_token_map_rgb(tokens[t], settings.codebook_size), 8))
+                _upsample(_token_map_rgb(tokens[t], settings.codebook_size),
+                          settings.size // settings.grid[0]))
     labels = ["source", "VQ reconstruction", "token ids"] if rows == 3 else ["source", "token ids"]
     fig.suptitle("rows per video: " + " / ".join(labels), fontsize=9)
     fig.tight_layout()
@@ -80,6 +78,15 @@ def inspect_archive(archive_dir: str | Path, out_png: str | Path, *,
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _reconstruct(model: Any, tokens: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """The first decoded frame of each picked token frame: uint8 [len(picks), S, S, 3]."""
+    import torch
+
+    with torch.no_grad():
+        return np.stack([model.decode(torch.from_numpy(
+            tokens[None, t:t + 1].astype(np.int64)))[0, 0].cpu().numpy() for t in picks])
 
 
 def _decode_or_none(path: str, spec: DecodeSpec) -> np.ndarray | None:
@@ -108,7 +115,7 @@ def mask_overlay_png(frames: np.ndarray, mask: np.ndarray, out_png: str | Path,
         axes[0, i].imshow(np.clip(tinted, 0, 1))
         axes[0, i].set_title(f"frame {i}: {mask[i].mean():.0%}", fontsize=8)
         axes[0, i].axis("off")
-    fig.suptitle(title or f"block mask over a clip ({mask.mean():.1%} masked)", fontsize=9)
+    fig.suptitle(title or f"token mask over a clip ({mask.mean():.1%} masked)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

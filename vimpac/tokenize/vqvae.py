@@ -1,61 +1,46 @@
-"""Per-frame VQ-VAE tokenizer: frames -> integer token maps (and back).
+"""Our per-frame VQ-VAE tokenizer: frames -> integer token maps (and back).
 
 VIMPAC (arXiv 2106.11250, App. A.1/B.1) tokenizes every frame independently with a discrete VAE that
-downsamples by 8 in each spatial direction: a 128 px frame becomes a 16x16 map of ids. Two kinds of
-tokenizer share one interface, :class:`VQTokenizer`:
-
-* ``"vqvae"``: our own small VQ-VAE (van den Oord et al. 2017) with a conv encoder/decoder, an EMA
-  codebook (k-means initialised, dead codes restarted) and an optional l2-normalised low-dim lookup
-  (Yu et al. 2021, "Vector-quantized image modeling with improved VQGAN"). Trained by
-  :mod:`vimpac.tokenize.train_tokenizer`.
-* ``"dalle"``: the encoder of OpenAI's DALL-E dVAE, the one the paper uses, re-implemented in
-  :mod:`vimpac.tokenize.dalle_import` and filled with imported weights. It has no decoder.
-
-A tokenizer is stored as a directory with ``config.json`` and ``model.safetensors`` (never pickle);
-its :meth:`VQTokenizer.fingerprint` (sha256 of config + weights) names it in token archives.
+downsamples by 8 in each spatial direction: a 128 px frame becomes a 16x16 map of ids. This module
+is our own small VQ-VAE (van den Oord et al. 2017) with a conv encoder/decoder, an EMA codebook
+(k-means initialised, dead codes restarted) and an optional l2-normalised low-dim lookup (Yu et al.
+2021, "Vector-quantized image modeling with improved VQGAN"), trained by
+:mod:`vimpac.tokenize.train_tokenizer`. The encoder the paper uses, DALL-E's, is
+:mod:`vimpac.tokenize.dalle`; both are entries of :data:`vimpac.tokenize.tokenizer.TOKENIZERS`,
+which also saves and loads them (``config.json`` + ``model.safetensors``, never pickle).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+
+from vimpac.tokenize.base import FrameTokenizer, config_fields
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
 MAX_CODEBOOK_SIZE = 65535  # ids are stored as uint16
-KINDS = ("vqvae", "dalle")
 
 
 @dataclass
 class VQConfig:
     """Architecture of a tokenizer; saved as ``config.json`` and hashed into the fingerprint."""
 
-    kind: str = "vqvae"  # "vqvae" (ours: encoder, codebook, decoder) or "dalle" (imported encoder)
+    kind: str = "vqvae"  # the TOKENIZERS entry that reads this config: always "vqvae" here
     codebook_size: int = 8192  # number of codes K; ids are in [0, K); at most 65535 (uint16)
-    channels: int = 64  # base conv width (vqvae) or DALL-E's n_hid (dalle)
-    code_dim: int = 32  # dimension of the codebook vectors (vqvae; low-dim lookup)
-    normalize_codes: bool = True  # vqvae: l2-normalise encoder outputs and codes (cosine lookup)
-    commitment: float = 0.25  # vqvae: weight beta of the commitment loss
-    ema_decay: float = 0.99  # vqvae: decay of the EMA codebook statistics
-    blocks_per_group: int = 2  # dalle: residual blocks per group (n_blk_per_group)
+    channels: int = 64  # base conv width
+    code_dim: int = 32  # dimension of the codebook vectors (low-dim lookup)
+    normalize_codes: bool = True  # l2-normalise encoder outputs and codes (cosine lookup)
+    commitment: float = 0.25  # weight beta of the commitment loss
+    ema_decay: float = 0.99  # decay of the EMA codebook statistics
+    blocks_per_group: int = 2  # unused here; in every config.json so fingerprints stay the same
     image_size: int = 128  # hint: frame size the tokenizer was trained on / is meant for
     downsample: int = 8  # spatial downsampling factor (fixed: three 2x stages)
 
@@ -64,8 +49,9 @@ class VQConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key and value."""
-        if self.kind not in KINDS:
-            raise ValueError(f"VQConfig.kind={self.kind!r}: must be one of {KINDS}")
+        if self.kind != "vqvae":
+            raise ValueError(f"VQConfig.kind={self.kind!r}: must be 'vqvae' (other tokenizers "
+                             "have their own config class)")
         if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
             raise ValueError(f"VQConfig.codebook_size={self.codebook_size}: must be in "
                              f"[2, {MAX_CODEBOOK_SIZE}] so ids fit in uint16")
@@ -85,12 +71,8 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> VQConfig:
-        """Build from a dict; unknown keys are errors that name ``source`` and the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown tokenizer config key(s) {unknown}")
-        return cls(**data)
+        """Build from a dict; unknown keys and wrong types are errors naming ``source`` and key."""
+        return cls(**config_fields(cls, data, source))
 
 
 # --------------------------------------------------------------------------- encoder / decoder
@@ -283,12 +265,14 @@ def _nearest_rows(x: torch.Tensor, centers: torch.Tensor, normalize: bool) -> to
 # --------------------------------------------------------------------------- tokenizer
 
 
-class VQTokenizer(nn.Module):
-    """Frame tokenizer: uint8 frames [N,H,W,3] <-> int64 ids [N,H/8,W/8].
+class VQTokenizer(FrameTokenizer):
+    """Frame tokenizer: uint8 frames [N,H,W,3] <-> int64 ids [N,H/8,W/8] (clips [B,T,...] too).
 
-    ``kind="vqvae"`` holds ``encoder``, ``quantizer`` and ``decoder``; ``kind="dalle"`` holds only
-    ``encoder`` (a DALL-E dVAE encoder that returns [N,K,h,w] logits; ids are their argmax).
+    Holds ``encoder``, ``quantizer`` and ``decoder``; the training forward is :meth:`forward`.
     """
+
+    name = "vqvae"
+    can_decode = True
 
     def __init__(self, config: VQConfig) -> None:
         super().__init__()
@@ -296,202 +280,47 @@ class VQTokenizer(nn.Module):
         self.config = config
         self.codebook_size = config.codebook_size
         self.downsample = config.downsample
-        self.quantizer: VectorQuantizer | None = None
-        self.decoder: Decoder | None = None
-        if config.kind == "dalle":
-            from vimpac.tokenize.dalle_import import DalleEncoder  # avoids an import cycle
+        self.encoder = Encoder(config.channels, config.code_dim)
+        self.quantizer = VectorQuantizer(
+            config.codebook_size, config.code_dim, normalize=config.normalize_codes,
+            decay=config.ema_decay, commitment=config.commitment)
+        self.decoder = Decoder(config.channels, config.code_dim)
 
-            self.encoder: nn.Module = DalleEncoder(config.channels, config.blocks_per_group,
-                                                   config.codebook_size)
-        else:
-            self.encoder = Encoder(config.channels, config.code_dim)
-            self.quantizer = VectorQuantizer(
-                config.codebook_size, config.code_dim, normalize=config.normalize_codes,
-                decay=config.ema_decay, commitment=config.commitment)
-            self.decoder = Decoder(config.channels, config.code_dim)
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str) -> VQTokenizer:
+        return cls(VQConfig.from_dict(config, source=source))
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,H,W,3] -> float32 [N,3,H,W]: [-1,1] for vqvae, DALL-E's map_pixels for dalle."""
-        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 [N,H,W,3], got {frames.dtype} "
-                             f"{list(frames.shape)}")
-        h, w = frames.shape[1:3]
-        if h % self.downsample or w % self.downsample:
-            raise ValueError(f"frame size {h}x{w} is not a multiple of {self.downsample}")
-        x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        if self.config.kind == "dalle":
-            return 0.8 * (x / 255.0) + 0.1  # DALL-E map_pixels with eps 0.1
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels 0..255 -> [-1, 1]."""
         return x / 127.5 - 1.0
-
-    @torch.no_grad()
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames [N,H,W,3] (any device) -> int64 ids [N,H/8,W/8] on the model's device."""
-        return self.ids_from_input(self.preprocess(frames))
 
     def ids_from_input(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed [N,3,H,W] -> int64 ids [N,H/8,W/8]."""
-        if self.config.kind == "dalle":
-            return self.encoder(x).float().argmax(dim=1)
-        assert self.quantizer is not None
         return self.quantizer.lookup(self.encoder(x))
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """int ids [N,h,w] -> uint8 frames [N,8h,8w,3] on the model's device."""
-        if self.decoder is None or self.quantizer is None:
-            raise NotImplementedError(
-                f"tokenizer kind {self.config.kind!r} has no decoder: only 'vqvae' tokenizers "
-                "can decode ids back to pixels")
+        """int ids [N,h,w] (or clips [B,T,h,w]) -> uint8 frames [N,8h,8w,3] on the model's
+        device (or [B,T,8h,8w,3])."""
         ids = ids.to(self.device).long()
-        if ids.ndim != 3 or int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size:
+        if ids.ndim not in (3, 4) or ids.numel() == 0 or int(ids.min()) < 0 or \
+                int(ids.max()) >= self.codebook_size:
+            span = f"[{int(ids.min())}, {int(ids.max())}]" if ids.numel() else "empty"
             raise ValueError(f"ids must be [N,h,w] in [0, {self.codebook_size}), got shape "
-                             f"{list(ids.shape)} range [{int(ids.min())}, {int(ids.max())}]")
-        return to_uint8(self.decoder(self.quantizer.embed(ids)))
+                             f"{list(ids.shape)} range {span}")
+        flat = ids.flatten(0, 1) if ids.ndim == 4 else ids
+        pixels = to_uint8(self.decoder(self.quantizer.embed(flat)))
+        return pixels.unflatten(0, ids.shape[:2]) if ids.ndim == 4 else pixels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizeOutput]:
-        """Training forward (vqvae): [N,3,H,W] in [-1,1] -> (reconstruction [N,3,H,W], quant)."""
-        if self.decoder is None or self.quantizer is None:
-            raise NotImplementedError(f"tokenizer kind {self.config.kind!r} cannot be trained")
+        """Training forward: [N,3,H,W] in [-1,1] -> (reconstruction [N,3,H,W], quant)."""
         quant = self.quantizer(self.encoder(x))
         return self.decoder(quant.quantized), quant
-
-    def fingerprint(self) -> str:
-        """sha256 hex of the canonical JSON config and the weights (name, dtype, shape, bytes)."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.config.to_dict(), sort_keys=True,
-                                 separators=(",", ":")).encode())
-        state = self.state_dict()
-        for name in sorted(state):
-            t = state[name].detach().cpu().contiguous()
-            digest.update(f"\n{name}|{t.dtype}|{list(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[N,3,H,W] in [-1,1] -> uint8 [N,H,W,3]."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-# --------------------------------------------------------------------------- save / load
-
-
-def save_tokenizer(model: VQTokenizer, out_dir: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` to ``out_dir`` atomically.
-
-    Files go to a temporary sibling directory that is renamed into place; an existing ``out_dir``
-    is replaced (moved aside, then deleted), so readers never see a half-written tokenizer.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
-                "fingerprint": model.fingerprint()}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQTokenizer:
-    """Load a tokenizer directory written by :func:`save_tokenizer`; returns it in eval mode.
-
-    Weights are read with safetensors only (no pickle). A stored fingerprint that does not match
-    the loaded weights is an error.
-    """
-    path = Path(path)
-    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing (is {path} a tokenizer directory?)")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: not a tokenizer config ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{cfg_path}: format_version={got!r}, expected {FORMAT_VERSION}")
-    model = VQTokenizer(VQConfig.from_dict(meta.get("config", {}), source=str(cfg_path)))
-    try:
-        state = load_file(str(weights_path))
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:  # safetensors/torch errors name no file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{weights_path}: unreadable tokenizer weights ({first})") from None
-    stored = meta.get("fingerprint")
-    if stored is not None and stored != model.fingerprint():
-        raise ValueError(f"{weights_path}: weights do not match the fingerprint in {cfg_path}")
-    return model.to(device).eval()
-
-
-# --------------------------------------------------------------------------- batch encoding
-
-
-def encode_frames(model: VQTokenizer, frames: np.ndarray | torch.Tensor, *, batch_size: int = 64,
-                  device: str | torch.device | None = None) -> np.ndarray:
-    """Tokenize uint8 frames [N,H,W,3] in batches -> uint16 ids [N,H/8,W/8] (numpy, on the host).
-
-    ``device`` defaults to the model's. On CUDA the model is moved there in channels_last and run
-    under bf16 autocast (codebook distances stay fp32), inputs are copied from pinned memory with
-    non_blocking copies and cuDNN is set deterministic. On CPU everything is fp32. For the same
-    input, batch size and device the ids are identical from run to run.
-    """
-    frames_t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) \
-        else frames.detach()
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    dev = torch.device(device) if device is not None else model.device
-    model.eval()
-    if dev.type == "cuda":
-        return _encode_cuda(model, frames_t, batch_size, dev)
-    model.to(dev)
-    out = [model.encode(chunk).cpu() for chunk in frames_t.split(batch_size)]
-    return _ids_to_uint16(torch.cat(out) if out else _empty_ids(model, frames_t))
-
-
-def _encode_cuda(model: VQTokenizer, frames: torch.Tensor, batch_size: int,
-                 dev: torch.device) -> np.ndarray:
-    model.to(dev, memory_format=torch.channels_last)
-    n, h, w = len(frames), frames.shape[1] // model.downsample, frames.shape[2] // model.downsample
-    host_out = torch.empty((n, h, w), dtype=torch.int32, pin_memory=True)
-    flags = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
-    with flags, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for start in range(0, n, batch_size):
-            chunk = frames[start:start + batch_size]
-            if chunk.device.type == "cpu":
-                chunk = chunk.contiguous().pin_memory()
-            x = model.preprocess(chunk).contiguous(memory_format=torch.channels_last)
-            ids = model.ids_from_input(x).to(torch.int32)
-            host_out[start:start + len(chunk)].copy_(ids, non_blocking=True)
-    torch.cuda.synchronize(dev)
-    return _ids_to_uint16(host_out)
-
-
-def _empty_ids(model: VQTokenizer, frames: torch.Tensor) -> torch.Tensor:
-    h, w = frames.shape[1] // model.downsample, frames.shape[2] // model.downsample
-    return torch.empty((0, h, w), dtype=torch.int64)
-
-
-def _ids_to_uint16(ids: torch.Tensor) -> np.ndarray:
-    return ids.numpy().astype(np.uint16)
 
 
 @contextlib.contextmanager

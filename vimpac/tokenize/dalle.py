@@ -12,29 +12,77 @@ pip package ``DALL-E``, module ``dall_e``). Its architecture, as read from that 
 * relu and a 1x1 conv to ``vocab_size`` (8192) logits; the token is their argmax.
 
 Pixels enter as ``map_pixels(x / 255) = 0.8 * x / 255 + 0.1``. :class:`DalleEncoder` is our
-module for that architecture; :func:`import_dalle` copies the weights of a pickled
-``dall_e.Encoder`` into it and saves it in our safetensors format (``kind="dalle"``). Using the
-result needs neither ``dall_e`` nor pickle. Importing does unpickle: **only import files you
-trust** (a pickle can run arbitrary code).
+module for that architecture and :class:`DalleTokenizer` the tokenizer around it (the ``"dalle"``
+entry of :data:`vimpac.tokenize.tokenizer.TOKENIZERS`; per frame, no decoder).
+:func:`import_dalle` copies the weights of a pickled ``dall_e.Encoder`` into it and saves it in our
+safetensors format. Using the result needs neither ``dall_e`` nor pickle. Importing does unpickle:
+**only import files you trust** (a pickle can run arbitrary code).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, save_tokenizer
+from vimpac.tokenize.base import FrameTokenizer, TokenizerError, config_fields, save_tokenizer
 
 log = logging.getLogger(__name__)
 
 GROUP_COUNT = 4
+MAX_CODEBOOK_SIZE = 65535  # ids are stored as uint16
+# Keys every tokenizer config.json held before DALL-E had its own config class, at the values an
+# import always wrote. They mean nothing here; they stay in the file and in the fingerprint so that
+# tokenizers imported by earlier versions keep their fingerprint (and their archives stay usable).
+FORMAT_1_KEYS = {"code_dim": 32, "normalize_codes": True, "commitment": 0.25, "ema_decay": 0.99}
+
+
+@dataclass
+class DalleConfig:
+    """Architecture of an imported DALL-E encoder; saved as ``config.json``, hashed in the
+    fingerprint."""
+
+    kind: str = "dalle"  # the TOKENIZERS entry that reads this config: always "dalle" here
+    codebook_size: int = 8192  # vocab_size: number of codes; at most 65535 (uint16)
+    channels: int = 256  # n_hid: width of the first group
+    blocks_per_group: int = 2  # n_blk_per_group
+    image_size: int = 256  # hint: the frame size DALL-E was trained on
+    downsample: int = 8  # three 2x max-pools
+
+    def __post_init__(self) -> None:
+        if self.kind != "dalle":
+            raise ValueError(f"DalleConfig.kind={self.kind!r}: must be 'dalle'")
+        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise ValueError(f"DalleConfig.codebook_size={self.codebook_size}: must be in "
+                             f"[2, {MAX_CODEBOOK_SIZE}] so ids fit in uint16")
+        if self.downsample != 8:
+            raise ValueError(f"DalleConfig.downsample={self.downsample}: only 8 is supported")
+        for key in ("channels", "blocks_per_group", "image_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"DalleConfig.{key}={getattr(self, key)}: must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), **FORMAT_1_KEYS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DalleConfig:
+        """Build from a dict; unknown keys, wrong types, changed format-1 keys name ``source``."""
+        data = dict(data) if isinstance(data, dict) else data
+        for key, expected in FORMAT_1_KEYS.items():
+            if isinstance(data, dict) and key in data:
+                value = data.pop(key)
+                if value != expected or type(value) is not type(expected):
+                    raise TokenizerError(f"{source}: tokenizer config {key}={value!r}: a DALL-E "
+                                     f"tokenizer's is always {expected!r}")
+        return cls(**config_fields(cls, data, source))
 
 
 class DalleBlock(nn.Module):
@@ -88,6 +136,33 @@ class DalleEncoder(nn.Module):
             return self.head(F.relu(x).float())
 
 
+class DalleTokenizer(FrameTokenizer):
+    """DALL-E's encoder as a tokenizer: uint8 frames [N,H,W,3] -> ids [N,H/8,W/8] (argmax of the
+    logits); clips [B,T,H,W,3] too. No decoder."""
+
+    name = "dalle"
+
+    def __init__(self, config: DalleConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.codebook_size = config.codebook_size
+        self.downsample = config.downsample
+        self.encoder = DalleEncoder(config.channels, config.blocks_per_group,
+                                    config.codebook_size)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str) -> DalleTokenizer:
+        return cls(DalleConfig.from_dict(config, source=source))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels 0..255 -> DALL-E's map_pixels (eps 0.1)."""
+        return 0.8 * (x / 255.0) + 0.1
+
+    def ids_from_input(self, x: torch.Tensor) -> torch.Tensor:
+        """map_pixels input [N,3,H,W] -> int64 ids [N,H/8,W/8]."""
+        return self.encoder(x).float().argmax(dim=1)
+
+
 # --------------------------------------------------------------------------- weight import
 
 _BLOCK_KEY = re.compile(r"blocks\.group_(\d)\.block_(\d+)\.(id_path|res_path\.conv_(\d))\.([wb])$")
@@ -108,21 +183,22 @@ def dalle_key_to_ours(key: str) -> str:
     return f"groups.{int(group) - 1}.{int(block) - 1}.{name}.{_PARAM[param]}"
 
 
-def config_from_dalle_state(state: dict[str, torch.Tensor], source: str) -> VQConfig:
+def config_from_dalle_state(state: dict[str, torch.Tensor], source: str) -> DalleConfig:
     """Read n_hid, blocks per group and vocab size off the weight shapes of a dall_e encoder."""
     try:
         n_hid, in_ch = state["blocks.input.w"].shape[:2]
         vocab = state["blocks.output.conv.w"].shape[0]
     except KeyError as exc:
-        raise ValueError(f"{source}: not a DALL-E encoder (missing weight {exc})") from None
+        raise TokenizerError(f"{source}: not a DALL-E encoder (missing weight {exc})") from None
     if in_ch != 3:
-        raise ValueError(f"{source}: encoder takes {in_ch} input channels, only 3 (RGB) supported")
+        raise TokenizerError(f"{source}: encoder takes {in_ch} input channels, only 3 (RGB) "
+                             "supported")
     groups = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
     blocks = {int(m.group(2)) for k in state if (m := _BLOCK_KEY.fullmatch(k))}
     if groups != set(range(1, GROUP_COUNT + 1)):
-        raise ValueError(f"{source}: expected {GROUP_COUNT} groups, found {sorted(groups)}")
-    return VQConfig(kind="dalle", codebook_size=int(vocab), channels=int(n_hid),
-                    blocks_per_group=max(blocks), image_size=256)
+        raise TokenizerError(f"{source}: expected {GROUP_COUNT} groups, found {sorted(groups)}")
+    return DalleConfig(codebook_size=int(vocab), channels=int(n_hid),
+                       blocks_per_group=max(blocks), image_size=256)
 
 
 def load_dalle_state(encoder_pkl_path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -132,27 +208,33 @@ def load_dalle_state(encoder_pkl_path: str | os.PathLike) -> dict[str, torch.Ten
     code: only use it on files you trust (e.g. OpenAI's ``encoder.pkl``). The ``dall_e`` classes
     are replaced by inert stand-ins while unpickling, so the ``dall_e`` package is not needed.
     """
-    obj = torch.load(encoder_pkl_path, map_location="cpu", weights_only=False,
-                     pickle_module=_StubbingPickle)
+    try:
+        obj = torch.load(encoder_pkl_path, map_location="cpu", weights_only=False,
+                         pickle_module=_StubbingPickle)
+    except Exception as exc:  # torch and pickle raise many types; none names the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizerError(f"{encoder_pkl_path}: not a pickled DALL-E encoder ({first})"
+                             ) from None
     if not isinstance(obj, nn.Module):
-        raise ValueError(f"{encoder_pkl_path}: expected a pickled dall_e.Encoder module, got "
+        raise TokenizerError(f"{encoder_pkl_path}: expected a pickled dall_e.Encoder module, got "
                          f"{type(obj).__name__}")
     return {k: v.detach().float().contiguous() for k, v in obj.state_dict().items()}
 
 
-def import_dalle(encoder_pkl_path: str | os.PathLike, out_dir: str | os.PathLike) -> VQTokenizer:
-    """Convert a pickled DALL-E dVAE encoder into our ``kind="dalle"`` tokenizer saved at out_dir.
+def import_dalle(encoder_pkl_path: str | os.PathLike, out_dir: str | os.PathLike
+                 ) -> DalleTokenizer:
+    """Convert a pickled DALL-E dVAE encoder into our ``"dalle"`` tokenizer saved at out_dir.
 
     Trusted files only (see :func:`load_dalle_state`). Returns the tokenizer in eval mode; its
     tokens equal the original module's argmax tokens.
     """
     source = str(encoder_pkl_path)
     state = load_dalle_state(encoder_pkl_path)
-    model = VQTokenizer(config_from_dalle_state(state, source))
+    model = DalleTokenizer(config_from_dalle_state(state, source))
     ours = {dalle_key_to_ours(k): v for k, v in state.items()}
     missing, unexpected = model.encoder.load_state_dict(ours, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not fit the DALL-E encoder architecture "
+        raise TokenizerError(f"{source}: weights do not fit the DALL-E encoder architecture "
                          f"(missing {missing}, unexpected {unexpected})")
     model.eval()
     save_tokenizer(model, out_dir)
