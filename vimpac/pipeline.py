@@ -283,7 +283,7 @@ def stage_finetune_scratch(ctx: RunContext, stage: Stage) -> dict[str, Any]:
 def _evaluate(ctx: RunContext, stage: Stage, finetuned: str) -> dict[str, Any]:
     from vimpac.finetune.evaluate import run_evaluate
 
-    ckpt = ctx.path(finetuned) / "best.pt"
+    ckpt = ctx.path(finetuned) / f"{ctx.config.evaluate.checkpoint}.pt"  # final (default) | best
     results = run_evaluate(ctx.path("tokens-finetune") / "archive", ckpt, ctx.config.evaluate,
                            stage.path)
     return json.loads(json.dumps(results, default=str))
