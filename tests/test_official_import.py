@@ -238,3 +238,37 @@ def test_the_from_official_recipe_fine_tunes_the_imported_weights_end_to_end(
     assert evaluated["split"] == "val"
     report = (outcomes["report"].path / "report.md").read_text()
     assert "final.pt: the last update" in report
+
+
+def test_mangled_official_state_dicts_are_imported_or_refused_never_crash():
+    """Dropped, renamed, reshaped or extra tensors: a fitting model, or a CheckpointError."""
+    import random
+
+    from vimpac.pretrain.official import convert
+
+    base = read_official(FIXTURES / "halved" / "classifier.pt")
+    rng = random.Random(0)
+    outcomes = {"imported": 0, "refused": 0}
+    for _ in range(150):
+        state = dict(base)
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice(sorted(state))
+            op = rng.choice(["drop", "reshape", "flatten", "rename", "extra"])
+            if op == "drop":
+                state.pop(key)
+            elif op == "reshape" and state[key].dim():
+                state[key] = torch.zeros(*[max(1, s + rng.choice([-1, 1]))
+                                           for s in state[key].shape])
+            elif op == "flatten":
+                state[key] = torch.zeros(3)
+            elif op == "rename":
+                state[key.replace("0", "7", 1)] = state.pop(key)
+            elif op == "extra":
+                state["backbone.extra.weight"] = torch.zeros(2)
+        try:
+            convert(state, "mangled.pt", heads=2)
+            outcomes["imported"] += 1
+        except CheckpointError as exc:
+            assert "mangled.pt" in str(exc) and "\n" not in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100

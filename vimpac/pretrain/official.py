@@ -165,6 +165,11 @@ def _structure(state: dict[str, Tensor], path: str | Path) -> dict[int, dict[int
             found.setdefault(layer, {}).setdefault(block, set()).add(branch)
     if not found or sorted(found) != list(range(len(found))):
         raise CheckpointError(f"{path}: transformer layers {sorted(found)}: expected 0..n-1")
+    for layer, blocks in found.items():
+        numbered = [sorted(blocks)] + [sorted(branches) for branches in blocks.values()]
+        if any(ids != list(range(len(ids))) for ids in numbered):
+            raise CheckpointError(f"{path}: layer {layer}: attention blocks / attentions not "
+                                  "numbered 0..n-1")
     return {layer: {b: len(branches) for b, branches in blocks.items()}
             for layer, blocks in found.items()}
 
@@ -293,6 +298,9 @@ def _fused_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if set(qkv) != {"query", "key", "value"}:
             raise KeyError(f"layer {layer} block {block} attention {branch}: {kind} of "
                            f"{sorted(qkv)} only")
+        if len({tuple(t.shape) for t in qkv.values()}) != 1:
+            raise KeyError(f"layer {layer} block {block} attention {branch}: query, key and "
+                           f"value {kind}s of shapes {[tuple(t.shape) for t in qkv.values()]}")
         fused[f"backbone.layers.{layer}.attention.{block}.branches.{branch}.qkv.{kind}"] = \
             torch.cat([qkv["query"], qkv["key"], qkv["value"]], dim=0)
     return fused
@@ -324,7 +332,8 @@ def convert(state: dict[str, Tensor], path: str | Path, heads: int | None = None
     try:
         ours.update(_fused_qkv(state))
     except KeyError as exc:
-        raise CheckpointError(f"{path}: incomplete attention weights: {exc.args[0]}") from None
+        raise CheckpointError(f"{path}: attention weights that do not fit: {exc.args[0]}") \
+            from None
     model = VimpacPretrainModel(inferred.config, proj_hidden=inferred.proj_hidden or 1,
                                 proj_layers=inferred.proj_layers, proj_dim=inferred.proj_dim)
     expected = model.state_dict()

@@ -141,10 +141,12 @@ def check_continuation(start: StartPoint, cfg: PretrainConfig, codebook_size: in
     if schedule_length(saved) != schedule_length(cfg):
         diff.append(f"schedule length {schedule_length(saved)} -> {schedule_length(cfg)} "
                     "(pretrain.schedule_steps)")
-    embed = start.state["model"].get("backbone.token_embed.weight")
-    if embed is None or embed.shape[0] - 5 != codebook_size:
-        diff.append(f"codebook size {None if embed is None else embed.shape[0] - 5} -> "
-                    f"{codebook_size} (the archive's)")
+    model = start.state["model"]
+    embed = model.get("backbone.token_embed.weight") if isinstance(model, dict) else None
+    rows = embed.shape[0] if isinstance(embed, Tensor) else None
+    if rows is None or rows - 5 != codebook_size:
+        diff.append(f"codebook size {None if rows is None else rows - 5} -> {codebook_size} "
+                    "(the archive's)")
     if diff:
         raise PretrainError(f"{start.path}: a later stage continues the same model and one "
                             f"learning-rate schedule, but {', '.join(diff)}")
@@ -169,9 +171,10 @@ def load_start_weights(model: VimpacPretrainModel, start: StartPoint, cfg: Pretr
     """Weights of ``start`` into ``model`` (positions interpolated to the model's grid)."""
     if start.training:
         check_continuation(start, cfg, codebook_size)
-        model.load_state_dict(resized_positions(start.state["model"], model))
-        log.info("continuing %s from update %d (model, heads%s)", start.path,
-                 start.state["step"], ", positions interpolated")
+        with _unfit(start.path, "model weights"):
+            model.load_state_dict(resized_positions(start.state["model"], model))
+        log.info("continuing %s from update %d: model and both heads (positions at T%d/%dx%d)",
+                 start.path, start.state["step"], cfg.frames, cfg.grid, cfg.grid)
         return
     backbone, meta = load_pretrained(start.path)
     if meta["codebook_size"] != codebook_size:
@@ -188,12 +191,25 @@ def load_start_weights(model: VimpacPretrainModel, start: StartPoint, cfg: Pretr
     fits = isinstance(heads, dict) and (heads.get("proj_layers"), heads.get("proj_hidden")) == (
         cfg.proj_layers, cfg.proj_hidden if cfg.proj_layers > 1 else 0)
     if fits:
-        model.load_state_dict(full_state(model.backbone.state_dict(), heads))
+        with _unfit(start.path, "head weights"):
+            model.load_state_dict(full_state(model.backbone.state_dict(), heads))
     log.info("initialised from %s (positions interpolated to T%d/%dx%d; heads %s)", start.path,
              cfg.frames, cfg.grid, cfg.grid, "loaded" if fits else "new")
 
 
 FREE_KEYS = ("frames", "height", "width", "dropout", "grad_checkpoint")  # may differ on init
+
+
+@contextlib.contextmanager
+def _unfit(path: Path, what: str) -> Any:
+    """A checkpoint's content that does not fit the model is the file's problem: one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        if isinstance(exc, PretrainError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretrainError(f"{path}: {what} do not fit this model ({first[:300]})") from None
 
 
 def resized_moments(saved: dict[str, Any], optimizer: Any, resizable: set[int],
@@ -231,9 +247,10 @@ def continue_from(start: StartPoint, model: VimpacPretrainModel, optimizer: Any,
     continues the one schedule.
     """
     tables = {id(getattr(model.backbone, name)) for name in POSITIONS}
-    optimizer.load_state_dict(resized_moments(start.state["optimizer"], optimizer, tables,
-                                              start.path))
-    scheduler.load_state_dict(start.state["scheduler"])
+    with _unfit(start.path, "optimizer / scheduler state"):
+        optimizer.load_state_dict(resized_moments(start.state["optimizer"], optimizer, tables,
+                                                  start.path))
+        scheduler.load_state_dict(start.state["scheduler"])
     step = int(start.state["step"])
     log.info("schedule continues at update %d of %d, learning rate %.3g", step,
              schedule_length(start.state["config"]), optimizer.param_groups[0]["lr"])
