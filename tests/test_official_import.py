@@ -237,7 +237,7 @@ def test_the_from_official_recipe_fine_tunes_the_imported_weights_end_to_end(
     assert evaluated["checkpoint_kind"] == "final" and evaluated["videos"] == 2
     assert evaluated["split"] == "val"
     report = (outcomes["report"].path / "report.md").read_text()
-    assert "final.pt: the last update" in report
+    assert "final.pt: the last update" in report and "imported weights" in report
 
 
 def test_mangled_official_state_dicts_are_imported_or_refused_never_crash():

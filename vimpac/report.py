@@ -66,8 +66,11 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
             add(name, "videos ok / failed", f"{r.get('ok')} / {r.get('failed')}")
     if "pretrain" in names and names["pretrain"].done():
         r = names["pretrain"].result()
+        if "imported" in r:
+            add("pretrain", "imported weights", f"{r['imported']} (sha256 {r['sha256'][:16]}, "
+                f"{r.get('layers')} layers x {r.get('dim')})")
         for key in ("step", "mlm_acc", "mlm_acc_moving", "nce_acc", "mlm_loss", "nce_loss"):
-            add("pretrain", key, r.get(key))
+            add("pretrain", key, None if "imported" in r else r.get(key))
     evaluated = _evaluations(ctx)
     for variant, r in evaluated.items():
         label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
