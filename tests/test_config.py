@@ -108,3 +108,19 @@ def test_cli_config_errors_exit_2_with_one_line(override, fragment):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_selection_and_schedule_settings_are_checked_together(tmp_path):
+    path = write(tmp_path, """
+        pipelines:
+          p: {}
+    """)
+    cfg = load_pipeline("p", path)
+    assert (cfg.finetune.val_fraction, cfg.evaluate.checkpoint) == (0.1, "final")
+    assert cfg.pretrain.schedule_steps == 0                 # one stage: the schedule is steps
+    with pytest.raises(ConfigError, match="evaluate.checkpoint = 'best'.*val_fraction > 0"):
+        load_pipeline("p", path, ["evaluate.checkpoint=best", "finetune.val_fraction=0"])
+    with pytest.raises(ConfigError, match="schedule_steps = 10: expected 0 or >= pretrain.steps"):
+        load_pipeline("p", path, ["pretrain.steps=20", "pretrain.schedule_steps=10"])
+    with pytest.raises(ConfigError, match="val_fraction = 0.9"):
+        load_pipeline("p", path, ["finetune.val_fraction=0.9"])

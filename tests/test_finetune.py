@@ -29,7 +29,15 @@ from vimpac.archive import (
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
 from vimpac.common.config import EvaluateConfig, FinetuneConfig
 from vimpac.common.training import read_metrics
-from vimpac.finetune.data import TestClips, TrainClips, clip_starts, pick_test_views
+from vimpac.finetune.data import (
+    SplitPart,
+    TestClips,
+    TrainClips,
+    clip_starts,
+    holdout_unit,
+    in_validation,
+    pick_test_views,
+)
 from vimpac.finetune.evaluate import (
     classification_metrics,
     knn_probe,
@@ -52,8 +60,9 @@ from vimpac.pretrain.model import PRESETS, VimpacBackbone, interpolate_table
 CODEBOOK, PAD = 16, 17
 SMALL = dataclasses.replace(PRESETS["tiny"], codebook_size=CODEBOOK, layers=1, dim=32, heads=2,
                             mlp_dim=64, frames=4, height=4, width=4, dropout=0.0)
-CFG = FinetuneConfig(frames=4, grid=4, fps=4.0, epochs=8, batch_size=8, micro_batch=4, lr=3e-3,
-                     dropout=0.0, num_workers=0)
+CFG = FinetuneConfig(frames=4, grid=4, fps=4.0, epochs=11, batch_size=8, micro_batch=4, lr=3e-3,
+                     dropout=0.0, num_workers=0, val_fraction=0.25)
+HELD_OUT = {"train/001", "train/003", "train/012", "train/015", "train/016", "train/017"}
 SHIFT = {"top": -1, "center": 0, "bottom": 1}
 
 
@@ -172,12 +181,24 @@ def test_train_clips_crop_larger_grid_in_token_space(tmp_path):
         TrainClips(root, "train", 4, 8, None, PAD, seed=0)
 
 
-def test_test_clip_starts_include_first_and_last():
+def test_test_clip_starts_are_the_official_floor_of_uniform_positions():
     assert clip_starts(10, 4, 3) == [0, 3, 6]
-    assert clip_starts(11, 4, 4) == [0, 2, 5, 7]
+    assert clip_starts(11, 4, 4) == [0, 2, 4, 7]       # floor(7 k / 3): 2.33 -> 2, 4.67 -> 4
     assert clip_starts(3, 4, 2) == [0, 0]              # shorter than T: padded, start 0
-    assert clip_starts(10, 4, 1) == [3]                # one clip: the middle
+    assert clip_starts(10, 4, 1) == [0]                # one clip starts at 0, as officially
     assert clip_starts(10, 3, 2, step=2) == [0, 5]     # strided: last start reaches frame 9
+
+
+def test_the_validation_part_is_a_fixed_key_hash_holdout_of_the_training_split(archive):
+    train = TrainClips(archive, SplitPart("train", "train", 0.25), 4, 4, None, PAD, seed=0)
+    val = TestClips(archive, SplitPart("train", "val", 0.25), 4, 4, 1, ["center"], PAD)
+    assert {e.key for e in val.entries} == HELD_OUT
+    assert {e.key for e in train.entries} == {f"train/{i:03d}" for i in range(24)} - HELD_OUT
+    assert in_validation("UCF-101/Fencing/v_Fencing_g08_c01", 0.3) == \
+        in_validation("UCF-101/Fencing/v_Fencing_g08_c05", 0.3)    # one UCF101 group, one side
+    assert holdout_unit("UCF-101/Fencing/v_Fencing_g08_c05") == "UCF-101/Fencing/v_Fencing_g08"
+    with pytest.raises(ArchiveError, match="validation part.*val_fraction"):
+        TestClips(archive, SplitPart("train", "val", 0.01), 4, 4, 1, ["center"], PAD)
 
 
 def test_test_clips_views_and_order(archive):
@@ -222,7 +243,8 @@ def test_update_sampler_covers_each_epoch_once_and_splits_ranks():
 
 def test_finetune_from_scratch_learns(finetuned):
     out, summary = finetuned
-    assert summary["complete"] and summary["steps"] == summary["total_steps"] == 24
+    assert summary["complete"] and summary["steps"] == summary["total_steps"] == 25
+    assert (summary["train_videos"], summary["val_videos"]) == (18, 6)
     for name in ("best.pt", "final.pt", "config.yaml", "metrics.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     metrics = read_metrics(out / "metrics.jsonl")
@@ -234,6 +256,55 @@ def test_finetune_from_scratch_learns(finetuned):
     model, meta = load_finetuned(out / "best.pt")
     assert meta["classes"] == ["right", "left"] and meta["val_top1"] == summary["best_val_top1"]
     assert model.config.frames == 4 and model.config.height == 4
+
+
+def test_best_is_chosen_on_validation_and_both_files_say_how(finetuned):
+    out, summary = finetuned
+    _, best = load_finetuned(out / "best.pt")
+    _, final = load_finetuned(out / "final.pt")
+    vals = {m["step"]: m["val_top1"] for m in read_metrics(out / "metrics.jsonl")
+            if "val_top1" in m}
+    assert best["checkpoint"] == "best" and best["step"] == summary["best_step"]
+    assert vals[best["step"]] == best["val_top1"] == max(vals.values())
+    assert best["step"] == min(s for s, v in vals.items() if v == max(vals.values()))
+    assert final["checkpoint"] == "final" and final["step"] == 25
+    assert final["val_top1"] == vals[25] == summary["final_val_top1"]
+    assert "validation" in best["selection"] and "last update" in final["selection"]
+    assert best["validation"]["videos"] == 6 and best["eval_split"] == "val"
+
+
+def test_no_code_path_reads_the_evaluation_split_while_fine_tuning(archive, tmp_path,
+                                                                   test_preset, monkeypatch):
+    import vimpac.finetune.data as data_module
+
+    read = []
+    real = data_module.labelled_entries
+
+    def spy(arch, split):
+        entries = real(arch, split)
+        read.append((split if isinstance(split, SplitPart) else SplitPart(split), entries))
+        return entries
+
+    monkeypatch.setattr(data_module, "labelled_entries", spy)
+    summary = run_finetune(archive, dataclasses.replace(CFG, epochs=1), tmp_path / "run",
+                           model_preset=test_preset)
+    assert {part.tag for part, _ in read} == {"train"}      # the evaluation split is "val"
+    val_keys = {e.key for part, entries in read if part.part == "val" for e in entries}
+    train_keys = {e.key for part, entries in read if part.part == "train" for e in entries}
+    eval_keys = {e.key for e in real(data_module.open_archive(archive), "val")}
+    assert val_keys == HELD_OUT and not val_keys & eval_keys and not val_keys & train_keys
+    assert summary["best_step"] is not None and summary["eval_split"] == "val"
+
+
+def test_no_validation_means_no_selection_and_no_best_file(archive, tmp_path, test_preset):
+    cfg = dataclasses.replace(CFG, epochs=1, val_fraction=0.0)
+    summary = run_finetune(archive, cfg, tmp_path / "run", model_preset=test_preset)
+    assert summary["train_videos"] == 24 and summary["val_videos"] == 0
+    assert summary["best"] is None and summary["best_step"] is None
+    assert not (tmp_path / "run" / "best.pt").exists()
+    _, final = load_finetuned(tmp_path / "run" / "final.pt")
+    assert final["checkpoint"] == "final" and final["val_top1"] is None
+    assert not any("val_top1" in m for m in read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
 
 def test_pretrained_init_loads_backbone_only_classifier_missing(archive, tmp_path, test_preset):
@@ -275,7 +346,7 @@ def test_positions_interpolated_when_grid_and_frames_differ(archive, tmp_path, t
 
 
 def test_resume_gives_bitwise_identical_weights(archive, tmp_path, test_preset):
-    cfg = dataclasses.replace(CFG, epochs=2, dropout=0.1, micro_batch=3)  # 6 updates, RNG in use
+    cfg = dataclasses.replace(CFG, epochs=2.5, dropout=0.1, micro_batch=3)  # 6 updates, RNG used
     whole = run_finetune(archive, cfg, tmp_path / "whole", model_preset=test_preset)
     first = run_finetune(archive, cfg, tmp_path / "split", model_preset=test_preset, stop_after=4)
     assert first["steps"] == 4 and not (tmp_path / "split" / "final.pt").exists()
@@ -339,6 +410,10 @@ def test_evaluate_writes_results_and_confusion_png(archive, finetuned, tmp_path)
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert saved["top1"] == results["top1"] and saved["split"] == "val"
     assert saved["videos"] == 12 and saved["views_per_video"] == 6
+    assert saved["checkpoint_kind"] == "best" and saved["step"] == summary["best_step"]
+    assert saved["val_top1"] == summary["best_val_top1"] and "validation" in saved["selection"]
+    assert len(saved["correct"]) == len(saved["keys"]) == 12
+    assert sum(saved["correct"]) / 12 == pytest.approx(saved["top1"])
     confusion = np.array(saved["confusion"])
     assert confusion.sum() == 12 and confusion.trace() / 12 == pytest.approx(saved["top1"])
     assert saved["top1"] >= 0.75 and saved["top5"] == 1.0

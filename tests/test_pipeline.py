@@ -29,7 +29,7 @@ def test_every_packaged_pipeline_plans(tmp_path):
 def test_paper_recipes_dry_run_through_the_cli(cli_runner, tmp_path):
     for name in ("howto100m-large-half", "howto100m-large-half-256", "ssv2-large-half",
                  "diving48-large-half", "ucf101-large-half", "hmdb51-large-half",
-                 "kinetics400-large-half"):
+                 "kinetics400-large-half", "ucf101-from-official"):
         result = cli_runner.invoke(cli, ["--config", str(PACKAGED_CONFIG), "run", name,
                                          "--dry-run", "--runs", str(tmp_path)])
         assert result.exit_code == 0, result.output
@@ -93,3 +93,41 @@ def test_packaged_pretraining_variant_shares_the_demo_archives(tmp_path):
     for shared in ("data", "tokenizer", "tokens-pretrain", "tokens-finetune", "finetune-scratch"):
         assert demo[shared].path == variant[shared].path
     assert demo["pretrain"].path != variant["pretrain"].path
+
+
+def test_the_two_large_half_stages_are_one_schedule(tmp_path):
+    from vimpac.common.training import warmup_linear
+    from vimpac.pretrain.train import SCHEDULE_KEYS, schedule_length
+
+    one = load_pipeline("howto100m-large-half", PACKAGED_CONFIG).pretrain
+    two = load_pipeline("howto100m-large-half-256", PACKAGED_CONFIG).pretrain
+    assert schedule_length(one) == schedule_length(two) == two.steps == 120_900
+    assert one.steps == 108_810 < two.steps                 # epoch 90 of 100, 1,209 updates each
+    assert all(getattr(one, k) == getattr(two, k) for k in SCHEDULE_KEYS)
+    assert (one.grid, two.grid, one.num_blocks, two.num_blocks) == (16, 32, 5, 6)
+    lr_at_switch = one.lr * warmup_linear(schedule_length(one), one.warmup)(one.steps)
+    assert lr_at_switch == pytest.approx(3.16e-5, abs=1e-7)
+    assert two.init_from and not one.init_from
+
+
+def test_the_from_official_recipe_imports_instead_of_pre_training(tmp_path):
+    stages = plan("ucf101-from-official", tmp_path)
+    assert "tokens-pretrain" not in stages and "official" in stages["pretrain"].settings
+    assert stages["pretrain"].needs == ["tokenizer"]
+    assert stages["finetune"].needs == ["tokens-finetune", "pretrain"]
+    other = plan("ucf101-from-official", tmp_path, ["pretrain.official_checkpoint=other.pt"])
+    assert other["pretrain"].path != stages["pretrain"].path
+    assert other["tokens-finetune"].path == stages["tokens-finetune"].path
+
+
+def test_the_packaged_pipelines_are_the_repository_ones():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+    assert PACKAGED_CONFIG.resolve() == root.resolve()
+
+
+def test_the_evaluated_checkpoint_is_part_of_the_evaluate_key(tmp_path):
+    final, best = plan("demo", tmp_path), plan("demo", tmp_path, ["evaluate.checkpoint=best"])
+    assert final["finetune"].path == best["finetune"].path
+    assert final["evaluate"].path != best["evaluate"].path

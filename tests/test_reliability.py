@@ -649,7 +649,7 @@ import sys
 from vimpac.common.config import FinetuneConfig
 from vimpac.finetune.train import run_finetune
 cfg = FinetuneConfig(frames=5, grid=8, fps=4.0, epochs=4, batch_size=4, micro_batch=2,
-                     num_workers=0, eval_every=2.0, seed=0)
+                     num_workers=0, eval_every=2.0, seed=0, val_fraction=0.2)
 run_finetune(sys.argv[1], cfg, sys.argv[2], model_preset="tiny", splits=("train", "val"),
              device="cpu")
 """

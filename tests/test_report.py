@@ -83,3 +83,37 @@ def test_mask_picture_draws_the_selected_strategy_over_real_frames(tiny_tokenize
     png = plot_masks(ctx, tmp_path)
     assert png == tmp_path / "masks.png"
     assert Image.open(png).size == (880, 253)            # four frames side by side, titled
+
+
+def test_table_says_which_model_was_evaluated_and_the_gain_interval(tmp_path):
+    ctx = evaluated(tmp_path, 0.5, 0.25, classes=4)
+    keys = [f"v{i}" for i in range(8)]
+    ctx.stages["evaluate"].outcome.update(
+        checkpoint_kind="final", selection="the last update (the paper reports the last model)",
+        step=120, val_top1=0.6, split="test1", videos=8, keys=keys,
+        correct=[1, 1, 1, 1, 0, 0, 0, 0])
+    ctx.stages["evaluate-scratch"].outcome.update(
+        checkpoint_kind="final", selection="the last update", step=120, val_top1=None,
+        split="test1", videos=8, keys=keys, correct=[1, 1, 0, 0, 0, 0, 0, 0])
+    rows = results_table(ctx)
+    assert ("fine-tuned from pre-training", "evaluated model",
+            "final.pt: the last update (the paper reports the last model) (update 120; "
+            "validation top-1 60.0%)") in rows
+    assert ("from scratch", "evaluated on", "test1 (8 videos; used for no choice)") in rows
+    # paired differences: two videos +100, six 0: mean 25, sd 46.3, t(0.975, 7) = 2.365
+    interval = next(v for _, f, v in rows if f == "95 % interval of the gain")
+    assert interval.startswith("-13.7 .. +63.7 points") and "8 evaluation videos" in interval
+
+
+def test_t_interval_matches_the_textbook_and_paired_gain_needs_equal_lengths():
+    import pytest
+
+    from vimpac.report import paired_gain, t_interval
+
+    mean, low, high = t_interval([15.8, 14.2, 10.0])    # three seeds: t(0.975, 2) = 4.303
+    assert mean == pytest.approx(13.333, abs=1e-3)
+    assert (low, high) == (pytest.approx(5.892, abs=1e-3), pytest.approx(20.775, abs=1e-3))
+    with pytest.raises(ValueError):
+        paired_gain([1, 0], [1])
+    with pytest.raises(ValueError):
+        t_interval([1.0])

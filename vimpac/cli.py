@@ -423,7 +423,27 @@ def archive_merge(archive_dir: str) -> None:
 
 # ----------------------------------------------------------------------------------------- pretrain
 
-@cli.command()
+class DefaultGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to ``default`` (so
+    ``vimpac pretrain ARCHIVES... --out DIR`` keeps working beside ``pretrain import-official``)."""
+
+    def __init__(self, *args: Any, default: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=DefaultGroup, default="train")
+def pretrain() -> None:
+    """Pre-train on token archives (`vimpac pretrain ARCHIVES... --out DIR` runs `train`), or
+    import the authors' released weights."""
+
+
+@pretrain.command("train")
 @click.argument("archives", nargs=-1, required=True, type=ARCHIVE)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="run folder: checkpoints, metrics.jsonl, tensorboard/, pretrained.pt")
@@ -431,8 +451,8 @@ def archive_merge(archive_dir: str) -> None:
               help="stop after this many updates (rerun to continue)")
 @pass_ctx
 @handle_errors
-def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
-             stop_after: int | None) -> None:
+def pretrain_train(ctx: Context, archives: tuple[str, ...], out_dir: str,
+                   stop_after: int | None) -> None:
     """Pre-train on token archives (masked tokens + contrastive); resumable; torchrun-ready."""
     from vimpac.pretrain.train import run_pretrain
 
@@ -443,6 +463,31 @@ def pretrain(ctx: Context, archives: tuple[str, ...], out_dir: str,
     _print_metrics(f"pretrain step {result.step}", result.last_metrics)
     if result.step >= cfg.steps:
         out.print(f"pre-trained backbone: {result.pretrained}")
+
+
+@pretrain.command("import-official")
+@click.argument("classifier_pt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for pretrained.pt and import.json")
+@click.option("--tokenizer", "tokenizer_dir", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="the DALL-E tokenizer from `vimpac tokenizer import-dalle` (the weights were "
+                   "pre-trained on its tokens)")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="attention heads (default: args.txt beside the file if it says, else "
+                   "hid_dim // 64 as the official code)")
+@handle_errors
+def pretrain_import_official(classifier_pt: str, out_dir: str, tokenizer_dir: str,
+                             heads: int | None) -> None:
+    """Import the authors' released classifier.pt (read with weights_only, never args.pickle)."""
+    from vimpac.pretrain.official import import_official
+    from vimpac.tokenize.dalle import dalle_folder
+
+    fingerprint, codebook = dalle_folder(tokenizer_dir)
+    record = import_official(classifier_pt, out_dir, heads=heads, tokenizer_codebook=codebook,
+                             tokenizer_fingerprint=fingerprint)
+    _print_metrics("imported", {**record["inferred"], "sha256": record["sha256"][:16]})
+    out.print(f"pre-trained model: {Path(out_dir) / 'pretrained.pt'}")
 
 
 # ----------------------------------------------------------------------------------------- finetune

@@ -10,6 +10,12 @@ Plan (synthetic data)::
 
     data -> tokenizer -> tokens-pretrain -> pretrain -> finetune ----------> evaluate -> report
                \\-------> tokens-finetune ------------/  finetune-scratch -> evaluate-scratch
+
+With ``pretrain.official_checkpoint`` (the authors' released ``classifier.pt``) the ``pretrain``
+stage imports those weights instead of training (:mod:`vimpac.pretrain.official`), recording the
+fingerprint of the pipeline's DALL-E tokenizer; its key hashes the file's path, size and time.
+The evaluate stages test ``final.pt`` (``evaluate.checkpoint``; ``best`` is the model chosen on the
+validation part of the training split) on the evaluation split.
 """
 
 from __future__ import annotations
@@ -116,9 +122,13 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
     tok_needs = ["tokenizer"] if config.tokenizer.source != "path" else []
     tok_id = {"path": str(Path(config.tokenizer.path).resolve())} if not tok_needs else {}
     data_needs = ["data"] if d.synthetic else []
-    has_pretrain = bool(d.synthetic or d.pretrain_inputs)
+    official = config.pretrain.official_checkpoint
+    has_pretrain = bool(d.synthetic or d.pretrain_inputs or official)
     has_finetune = bool(d.synthetic or d.finetune_dataset)
-    if has_pretrain:
+    if official:
+        stages.append(Stage("pretrain", "pretrain", {"official": _file_identity(official),
+                                                     **tok_id}, tok_needs))
+    elif has_pretrain:
         stages.append(Stage("tokens-pretrain", "tokens", {
             "tokenize": _tokenize_settings(config, False), "inputs": pretrain_inputs, **tok_id},
             tok_needs + data_needs))
@@ -259,9 +269,27 @@ def stage_tokens_finetune(ctx: RunContext, stage: Stage) -> dict[str, Any]:
 def stage_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     from vimpac.pretrain.train import run_pretrain
 
+    if ctx.config.pretrain.official_checkpoint:
+        return _import_official(ctx, stage)
     result = run_pretrain([ctx.path("tokens-pretrain") / "archive"], ctx.config.pretrain,
                           stage.path, progress=ctx.progress)
     return {"step": result.step, **{k: float(v) for k, v in result.last_metrics.items()}}
+
+
+def _import_official(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    """The authors' weights into ``pretrained.pt``, tied to the pipeline's DALL-E tokenizer."""
+    from vimpac.pretrain.official import import_official
+    from vimpac.tokenize.dalle import dalle_folder
+
+    path = ctx.config.pretrain.official_checkpoint
+    if not Path(path).is_file():
+        raise PipelineError(f"pretrain.official_checkpoint = {path!r}: no such file (the "
+                            "authors' released classifier.pt, which vimpac cannot download)")
+    fingerprint, codebook = dalle_folder(_tokenizer_dir(ctx))
+    record = import_official(path, stage.path, tokenizer_fingerprint=fingerprint,
+                             tokenizer_codebook=codebook)
+    return {"step": 0, "imported": record["source"], "sha256": record["sha256"],
+            **{k: v for k, v in record["inferred"].items() if isinstance(v, (int, str))}}
 
 
 def _finetune(ctx: RunContext, stage: Stage, init: str | None) -> dict[str, Any]:
@@ -284,7 +312,7 @@ def stage_finetune_scratch(ctx: RunContext, stage: Stage) -> dict[str, Any]:
 def _evaluate(ctx: RunContext, stage: Stage, finetuned: str) -> dict[str, Any]:
     from vimpac.finetune.evaluate import run_evaluate
 
-    ckpt = ctx.path(finetuned) / "best.pt"
+    ckpt = ctx.path(finetuned) / f"{ctx.config.evaluate.checkpoint}.pt"  # final (default) | best
     results = run_evaluate(ctx.path("tokens-finetune") / "archive", ckpt, ctx.config.evaluate,
                            stage.path)
     return json.loads(json.dumps(results, default=str))

@@ -1,10 +1,20 @@
-"""The pipeline report: ``report.md`` with the results table and the pictures that explain them."""
+"""The pipeline report: ``report.md`` with the results table and the pictures that explain them.
+
+The table says which fine-tuned model each arm's number comes from (``final.pt`` by default, or
+``best.pt`` chosen on the validation part of the training split) and on which split it was measured
+(the evaluation split, never used for any choice), and gives the pre-trained - scratch gain with a
+95 % interval: a paired Student t-interval over the evaluation videos (:func:`paired_gain`). One
+pipeline run is one seed, so the interval covers which videos were tested, not seed-to-seed
+variation; ``benchmarks/finetune_gain.py`` reports the interval over seeds.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,18 +69,77 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
             add(name, "videos ok / failed", f"{r.get('ok')} / {r.get('failed')}")
     if "pretrain" in names and names["pretrain"].done():
         r = names["pretrain"].result()
+        if "imported" in r:
+            add("pretrain", "imported weights", f"{r['imported']} (sha256 {r['sha256'][:16]}, "
+                f"{r.get('layers')} layers x {r.get('dim')})")
         for key in ("step", "mlm_acc", "mlm_acc_moving", "nce_acc", "mlm_loss", "nce_loss"):
-            add("pretrain", key, r.get(key))
+            add("pretrain", key, None if "imported" in r else r.get(key))
     evaluated = _evaluations(ctx)
     for variant, r in evaluated.items():
         label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
+        add(label, "evaluated model", _model_text(r))
+        add(label, "evaluated on", _split_text(r))
         add(label, "top-1 (multi-view)", r.get("top1"), "{:.1%}")
         add(label, "top-5 (multi-view)", r.get("top5"), "{:.1%}")
     top1 = _both_top1(evaluated)
     if top1:
         add("pre-trained - scratch", "top-1 gain", f"{100 * (top1[0] - top1[1]):+.1f} points")
+        gain = _paired(evaluated)
+        if gain is not None:
+            add("pre-trained - scratch", "95 % interval of the gain",
+                f"{gain[1]:+.1f} .. {gain[2]:+.1f} points (paired t over {gain[3]} "
+                "evaluation videos, one seed)")
     add("chance (1 / classes)", "top-1", _chance(evaluated), "{:.1%}")
     return rows
+
+
+def _model_text(r: dict[str, Any]) -> str:
+    """E.g. ``final.pt: the last update (update 120; validation top-1 61.3 %)``."""
+    kind = r.get("checkpoint_kind", "unknown")
+    text = f"{kind}.pt: {r.get('selection', 'unknown')}"
+    details = [f"update {r['step']}"] if r.get("step") is not None else []
+    if r.get("val_top1") is not None:
+        details.append(f"validation top-1 {r['val_top1']:.1%}")
+    return text + (f" ({'; '.join(details)})" if details else "")
+
+
+def _split_text(r: dict[str, Any]) -> str:
+    return f"{r.get('split')} ({r.get('videos')} videos; used for no choice)"
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the two-sided Student t confidence interval of the mean of ``values``
+    (n - 1 degrees of freedom; needs n >= 2)."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"t_interval: needs at least 2 values, got {n}")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_gain(pre: Sequence[int], scratch: Sequence[int],
+                level: float = 0.95) -> tuple[float, float, float, int]:
+    """Gain in points of per-video correctness (1/0, same videos in the same order), pre-trained
+    minus scratch: (mean, low, high, videos), a paired t-interval over the videos."""
+    if len(pre) != len(scratch):
+        raise ValueError(f"paired_gain: {len(pre)} vs {len(scratch)} videos")
+    mean, low, high = t_interval([100.0 * (a - b) for a, b in zip(pre, scratch, strict=True)],
+                                 level)
+    return mean, low, high, len(pre)
+
+
+def _paired(evaluated: dict[str, dict[str, Any]]) -> tuple[float, float, float, int] | None:
+    """The paired interval when both arms saw the same videos in the same order."""
+    pre, scratch = evaluated.get("evaluate", {}), evaluated.get("evaluate-scratch", {})
+    if "correct" not in pre or "correct" not in scratch or pre.get("keys") != scratch.get("keys"):
+        return None
+    if len(pre["correct"]) < 2:
+        return None
+    return paired_gain(pre["correct"], scratch["correct"])
 
 
 def _evaluations(ctx: RunContext) -> dict[str, dict[str, Any]]:
@@ -116,7 +185,7 @@ def plot_curves(ctx: RunContext, out: Path) -> Path | None:
         if val:
             axes[2].plot(*zip(*val, strict=True), marker="o",
                          label="pre-trained" if name == "finetune" else "from scratch")
-    axes[2].set_title("fine-tuning: validation top-1")
+    axes[2].set_title("fine-tuning: validation top-1\n(held out of the training split)")
     for ax in axes:
         ax.set_xlabel("update")
         if ax.lines:

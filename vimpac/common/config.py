@@ -166,9 +166,13 @@ class PretrainConfig:
     dropout: float = param(0.1, "dropout everywhere in the backbone", ge=0, le=1)
     batch_size: int = param(1024, "videos per optimizer update (via accumulation)", ge=1)
     micro_batch: int = param(8, "videos per forward pass per process", ge=1)
-    steps: int = param(12000, "optimizer updates", ge=1)
+    steps: int = param(12000, "update count at which this run stops (counted from 0 across "
+                              "stages: a run continuing a stage-1 checkpoint continues its "
+                              "count)", ge=1)
+    schedule_steps: int = param(0, "updates of the whole linear LR schedule (warm-up + decay to "
+                                   "0) over every stage; 0 = steps (a single-stage run)", ge=0)
     lr: float = param(1e-3, "peak learning rate (paper: 1e-3 small, 3e-4 large)", gt=0)
-    warmup: float = param(0.1, "warm-up fraction of the steps", ge=0, le=1)
+    warmup: float = param(0.1, "warm-up fraction of the schedule (schedule_steps)", ge=0, le=1)
     weight_decay: float = param(0.05, "AdamW weight decay (not on biases and norms)", ge=0)
     beta2: float = param(0.98, "AdamW beta2 (beta1 = 0.9)", gt=0, le=1)
     grad_clip: float = param(1.0, "gradient-norm clip; 0 = off", ge=0)
@@ -181,8 +185,13 @@ class PretrainConfig:
     checkpoint_every: int = param(500, "updates between checkpoints", ge=1)
     keep_checkpoints: int = param(3, "checkpoints kept", ge=1)
     log_every: int = param(10, "updates between metric lines", ge=1)
-    init_from: str = param("", "checkpoint to start from (e.g. the 128 px run for the 256 px "
-                                "switch); position tables are interpolated to (frames, grid)")
+    init_from: str = param("", "start from: a stage-1 run folder or training checkpoint "
+                                "(resumes model, both heads, AdamW state and the schedule across "
+                                "a resolution change), or a pretrained.pt (weights only); "
+                                "position tables are interpolated to (frames, grid)")
+    official_checkpoint: str = param("", "the authors' released classifier.pt: when set, the "
+                                          "pipeline's pretrain stage imports it instead of "
+                                          "training (see `vimpac pretrain import-official`)")
     on_corrupt_shard: str = param("stop", "stop or skip (with a warning) on a bad checksum",
                                   choices=("stop", "skip"))
     seed: int = param(0, "seed of data order, masking and init", ge=0)
@@ -216,6 +225,9 @@ class FinetuneConfig:
     precision: str = param("auto", "auto, bf16, fp32", choices=("auto", "bf16", "fp32"))
     num_workers: int = param(2, "DataLoader workers", ge=0, le=64)
     eval_every: float = param(1.0, "epochs between validations", gt=0)
+    val_fraction: float = param(0.1, "fraction of the training split held out (by key hash) as "
+                                     "the validation set that best.pt is chosen on; 0 = no "
+                                     "validation, no best.pt", ge=0, le=0.5)
     seed: int = param(0, "seed", ge=0)
 
 
@@ -228,6 +240,10 @@ class EvaluateConfig:
     knn_k: int = param(200, "neighbours for the k-NN probe", ge=1)
     knn_temperature: float = param(0.07, "k-NN vote temperature", gt=0)
     linear_probe_epochs: int = param(100, "epochs of the linear probe on frozen CLS features", ge=0)
+    checkpoint: str = param("final", "model the pipeline evaluates: final (the last update, as "
+                                     "the paper reports) or best (best top-1 on the validation "
+                                     "split carved from the training data)",
+                            choices=("final", "best"))
 
 
 SECTIONS: dict[str, type] = {
@@ -589,6 +605,13 @@ def check_consistency(config: PipelineConfig, where: _Where) -> None:
         if crop not in ("top", "center", "bottom"):
             raise where.error("evaluate.test_crops", config.evaluate.test_crops,
                               "expected items from top, center, bottom")
+    pt = config.pretrain
+    if pt.schedule_steps and pt.schedule_steps < pt.steps:
+        raise where.error("pretrain.schedule_steps", pt.schedule_steps,
+                          f"expected 0 or >= pretrain.steps ({pt.steps})")
+    if config.evaluate.checkpoint == "best" and config.finetune.val_fraction == 0:
+        raise where.error("evaluate.checkpoint", "best",
+                          "needs a validation split to choose on (finetune.val_fraction > 0)")
     if config.pretrain.micro_batch > config.pretrain.batch_size:
         raise where.error("pretrain.micro_batch", config.pretrain.micro_batch,
                           f"expected <= pretrain.batch_size ({config.pretrain.batch_size})")

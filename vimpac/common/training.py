@@ -17,13 +17,27 @@ from vimpac.common.fileio import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and normalisation weights (paper's rule)."""
-    norm_types = (nn.LayerNorm, nn.BatchNorm1d, nn.SyncBatchNorm, nn.GroupNorm)
+NORM_TYPES = (nn.LayerNorm, nn.BatchNorm1d, nn.SyncBatchNorm, nn.GroupNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 decay_norms_in: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and normalisation weights (the official rule),
+    except the norm weights of the submodules named in ``decay_norms_in``, which are decayed.
+
+    The official code matches parameter names (``.bias``, ``LayerNorm.weight``, ``.ln.weight``,
+    ``ln_pre.weight``...). That exempts every LayerNorm of the backbone, but not the masked-token
+    head's LayerNorm (``mlm_head.transform.2.weight``) nor the projection head's BatchNorms
+    (``cls_head.mlp.bn_*.weight``): pre-training passes ``("mlm_head", "contrastive_head")`` to
+    decay them as it did.
+    """
+    decayed = tuple(f"{name}." for name in decay_norms_in)
     no_decay: set[int] = set()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        norm_exempt = isinstance(module, NORM_TYPES) and not (module_name + ".").startswith(
+            decayed)
         for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, norm_types) or name.endswith("bias"):
+            if norm_exempt or name.endswith("bias"):
                 no_decay.add(id(p))
     decay, plain, seen = [], [], set()
     for p in model.parameters():

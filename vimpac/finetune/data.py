@@ -15,11 +15,16 @@ flips pixels; training picks one stored view per sample, testing reads the scale
   comes from a generator seeded by ``(seed, epoch, index)``: an item is a pure function of its key.
 - :class:`TestClips`: one item per video, all its test views ``[num_clips * len(crops), T, G, G]``
   (clip-major: clip 0 in every crop, then clip 1, ...). Clip starts are uniform and include the
-  first and the last position, ``start_k = round(delta * k / (n - 1))``; a single clip takes the
-  middle start ``delta // 2``. Crops are the archive's scale-1, unflipped views named by crop
-  (``top`` / ``center`` / ``bottom``); a crop the archive lacks falls back to the centre view
-  (logged once). SSV2's protocol (centre crop only) is chosen by the config
+  first and the last position, ``start_k = floor(delta * k / (n - 1))``, and a single clip starts
+  at 0, as the official code places them. Crops are the archive's scale-1, unflipped views named
+  by crop (``top`` / ``center`` / ``bottom``); a crop the archive lacks falls back to the centre
+  view (logged once). SSV2's protocol (centre crop only) is chosen by the config
   (``evaluate.test_crops``), not here. A larger archive grid is cut to its centre window.
+
+Both read a :class:`SplitPart`: a whole split of the archive, or the training or validation part
+of a hold-out carved from it (:func:`in_validation`: by a hash of the video key, so the same videos
+are held out on every run and machine; UCF101's clips of one group, cut from one long video, stay
+together).
 
 Items are ``(tokens int64 tensor, label int)``; labels < 0 (unlabelled test sets) are skipped. Open
 shards are cached per process (each DataLoader worker opens its own).
@@ -28,7 +33,9 @@ shards are cached per process (each DataLoader worker opens its own).
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +56,64 @@ def open_archive(archive: Archive | str | Path) -> Archive:
     return archive if isinstance(archive, Archive) else Archive(archive)
 
 
-def labelled_entries(archive: Archive, split_tag: str) -> list[Entry]:
-    """The labelled videos of split ``split_tag``; an empty split is an error naming the tags."""
-    entries = [e for e in archive.entries_for_split(split_tag) if e.label >= 0]
-    if not entries:
+_UCF_CLIP = re.compile(r"(.*_g\d+)_c\d+")  # UCF101 key .../v_Class_gGG_cCC: group .../v_Class_gGG
+
+
+def holdout_unit(key: str) -> str:
+    """What a hold-out keeps whole: a UCF101 group (its clips are cut from one long video, so a
+    clip in training and its neighbour in validation would flatter the validation score), else
+    the video itself."""
+    match = _UCF_CLIP.fullmatch(key)
+    return match.group(1) if match else key
+
+
+def in_validation(key: str, fraction: float) -> bool:
+    """Whether video ``key`` belongs to the validation part: the first 8 bytes of
+    sha256(:func:`holdout_unit`) read as a fraction of 2**64 fall below ``fraction``."""
+    digest = hashlib.sha256(holdout_unit(key).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+
+
+@dataclass(frozen=True)
+class SplitPart:
+    """The videos of split ``tag``: ``all`` of them, or the ``train`` / ``val`` part of a
+    hold-out of ``val_fraction`` of them (:func:`in_validation`)."""
+    tag: str
+    part: str = "all"
+    val_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.part not in ("all", "train", "val"):
+            raise ValueError(f"SplitPart.part = {self.part!r}: expected all, train or val")
+        if self.part != "all" and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"SplitPart.val_fraction = {self.val_fraction}: expected in (0, 1)")
+
+    def keeps(self, key: str) -> bool:
+        if self.part == "all":
+            return True
+        return in_validation(key, self.val_fraction) == (self.part == "val")
+
+    def describe(self) -> str:
+        """E.g. ``train1 (validation part: 10 % held out by key hash)``."""
+        if self.part == "all":
+            return self.tag
+        what = "validation part" if self.part == "val" else "training part"
+        return f"{self.tag} ({what}: {self.val_fraction:.0%} held out by key hash)"
+
+
+def labelled_entries(archive: Archive, split: str | SplitPart) -> list[Entry]:
+    """The labelled videos of a split or split part; an empty one is an error naming the tags."""
+    part = split if isinstance(split, SplitPart) else SplitPart(split)
+    tagged = [e for e in archive.entries_for_split(part.tag) if e.label >= 0]
+    entries = [e for e in tagged if part.keeps(e.key)]
+    if not tagged:
         known = sorted({t for e in archive.entries for t in e.splits})
-        raise ArchiveError(f"{archive.root}: no labelled videos in split {split_tag!r} "
+        raise ArchiveError(f"{archive.root}: no labelled videos in split {part.tag!r} "
                            f"(splits in the archive: {', '.join(known) or 'none'})")
+    if not entries:
+        raise ArchiveError(f"{archive.root}: the {part.describe()} is empty ({len(tagged)} "
+                           f"videos in {part.tag!r}): raise finetune.val_fraction, or set it "
+                           "to 0 to fine-tune without validation")
     return entries
 
 
@@ -72,11 +130,10 @@ def temporal_span(length: int, frames: int, step: int) -> int:
 
 
 def clip_starts(length: int, frames: int, num_clips: int, step: int = 1) -> list[int]:
-    """Uniform clip starts including first and last: ``round(delta * k / (n - 1))``."""
+    """Uniform clip starts including first and last, as the official code places them:
+    ``floor(delta * k / (n - 1))``; a single clip starts at 0."""
     delta = temporal_span(length, frames, step)
-    if num_clips == 1:
-        return [delta // 2]
-    return [int(round(delta * k / (num_clips - 1))) for k in range(num_clips)]
+    return [delta * k // max(num_clips - 1, 1) for k in range(num_clips)]
 
 
 def strided_clip(video: np.ndarray, start: int, frames: int, step: int,
@@ -145,10 +202,11 @@ class TrainClips(_ShardReader, Dataset):
     :meth:`set_epoch`; ``dataset[(epoch, i)]`` names it explicitly (what the update sampler uses).
     """
 
-    def __init__(self, archive: Archive | str | Path, split_tag: str, frames: int, grid: int,
-                 views: list[str] | None, pad_id: int, seed: int, step: int = 1) -> None:
+    def __init__(self, archive: Archive | str | Path, split: str | SplitPart, frames: int,
+                 grid: int, views: list[str] | None, pad_id: int, seed: int,
+                 step: int = 1) -> None:
         super().__init__(archive)
-        self.entries = labelled_entries(self.archive, split_tag)
+        self.entries = labelled_entries(self.archive, split)
         check_grid(self.archive, grid)
         names = self.archive.settings.view_names
         self.views = list(views) if views else list(names)
@@ -209,13 +267,14 @@ class TestClips(_ShardReader, Dataset):
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, archive: Archive | str | Path, split_tag: str, frames: int, grid: int,
-                 num_clips: int, crops: list[str], pad_id: int, step: int = 1) -> None:
+    def __init__(self, archive: Archive | str | Path, split: str | SplitPart, frames: int,
+                 grid: int, num_clips: int, crops: list[str], pad_id: int,
+                 step: int = 1) -> None:
         super().__init__(archive)
         if num_clips < 1 or not crops:
             raise ValueError(f"TestClips: need num_clips >= 1 and at least one crop, got "
                              f"{num_clips} and {crops}")
-        self.entries = labelled_entries(self.archive, split_tag)
+        self.entries = labelled_entries(self.archive, split)
         check_grid(self.archive, grid)
         self.views = pick_test_views(self.archive.settings.views, crops, self.archive.root)
         self.frames, self.grid, self.num_clips = frames, grid, num_clips

@@ -4,8 +4,9 @@
   (uniform temporal clips including the first and last; scale-1 top-left / centre / bottom-right
   crops, centre only for SSV2); the **softmax probabilities are averaged** over the views, then the
   argmax is taken (facts 6). Writes ``results.json`` (top-1, top-5, per-class accuracy, confusion
-  matrix) and ``confusion.png``. :func:`mean_over_splits` averages the three UCF101 / HMDB51 splits
-  (Table 1 protocol).
+  matrix, per-video correctness, and which model was evaluated: ``final`` or ``best``, how it was
+  chosen, its update and validation top-1) and ``confusion.png``. :func:`mean_over_splits`
+  averages the three UCF101 / HMDB51 splits (Table 1 protocol).
 - Probes of frozen CLS features (one centre clip per video) of a pre-trained or fine-tuned
   backbone: :func:`knn_probe` is the paper's kNN monitor (L2-normalised features, the k nearest
   training videos vote with weight ``exp(sim / tau)``, k = 200, tau = 0.07); :func:`linear_probe`
@@ -60,7 +61,8 @@ def pick_device(device: str = "auto") -> torch.device:
 # ---------------------------------------------------------------------------------------- metrics
 
 def classification_metrics(probs: Tensor, labels: Tensor, classes: list[str]) -> dict[str, Any]:
-    """probs [N, C] (view-averaged), labels [N] -> top-1, top-5, per-class accuracy, confusion."""
+    """probs [N, C] (view-averaged), labels [N] -> top-1, top-5, per-class accuracy, confusion,
+    and ``correct``: 1/0 per video in dataset order (for paired comparisons of two models)."""
     num = len(classes)
     pred = probs.argmax(-1)
     top5 = probs.topk(min(5, num), dim=-1).indices  # [N, k]
@@ -76,7 +78,8 @@ def classification_metrics(probs: Tensor, labels: Tensor, classes: list[str]) ->
             "top5": float((top5 == labels[:, None]).any(-1).sum()) / n,
             "mean_class_accuracy": sum(present) / len(present) if present else 0.0,
             "per_class": per_class,
-            "confusion": confusion.tolist()}
+            "confusion": confusion.tolist(),
+            "correct": (pred == labels).int().tolist()}
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path,
@@ -126,6 +129,15 @@ def mean_over_splits(results_list: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- evaluation
 
+def chosen_model(meta: dict[str, Any]) -> dict[str, Any]:
+    """Which model a fine-tuned file holds and how it was chosen (files written before this was
+    recorded say ``unknown``)."""
+    return {"checkpoint_kind": meta.get("checkpoint", "unknown"),
+            "selection": meta.get("selection", "unknown"), "step": meta.get("step"),
+            "val_top1": meta.get("val_top1"),
+            "validation": meta.get("validation", {}).get("split")}
+
+
 def check_classes(archive: Archive, classes: list[str], checkpoint: str | Path) -> None:
     have = list((archive.settings.dataset or {}).get("classes", []))
     if have != list(classes):
@@ -156,16 +168,19 @@ def run_evaluate(archive_path: str | Path, checkpoint: str | Path, cfg: Evaluate
                         multiprocessing_context=worker_context(data.archive, num_workers),
                         generator=torch.Generator().manual_seed(0))
     probs, labels = view_averaged_probs(model.to(dev), loader, dev, progress=progress)
-    results = {"checkpoint": str(checkpoint), "archive": str(archive.root), "split": tag,
-               "test_clips": cfg.test_clips, "test_crops": list(cfg.test_crops),
+    results = {"checkpoint": str(checkpoint), **chosen_model(meta),
+               "archive": str(archive.root), "split": tag,
+               "keys": [e.key for e in data.entries], "test_clips": cfg.test_clips,
+               "test_crops": list(cfg.test_crops),
                "views": data.views, "views_per_video": cfg.test_clips * len(cfg.test_crops),
                **classification_metrics(probs, labels, meta["classes"])}
     plot_confusion(results["confusion"], meta["classes"], out / "confusion.png",
                    title=f"{meta.get('dataset', '')} {tag}: top-1 {results['top1']:.3f}")
     results["confusion_png"] = str(out / "confusion.png")
     atomic_write_json(out / "results.json", results)
-    log.info("%s on %s (%d videos, %d views each): top-1 %.4f, top-5 %.4f", checkpoint, tag,
-             results["videos"], results["views_per_video"], results["top1"], results["top5"])
+    log.info("%s (%s model, update %s) on %s (%d videos, %d views each): top-1 %.4f, top-5 %.4f",
+             checkpoint, results["checkpoint_kind"], results["step"], tag, results["videos"],
+             results["views_per_video"], results["top1"], results["top5"])
     return results
 
 

@@ -10,7 +10,15 @@
        decay per update -> resume from the newest checkpoint
     -> per update: accumulate micro-batches, clip the gradient norm, step; log; validate every
        ``eval_every`` epochs on one centre clip per video; checkpoint every epoch
-    -> ``final.pt``, ``best.pt`` (best validation top-1), ``summary.json``.
+    -> ``final.pt`` (the last update: what the paper reports), ``best.pt`` (best validation
+       top-1), ``summary.json``.
+
+Model selection never sees the evaluation split. The validation set is carved out of the training
+split (``finetune.val_fraction`` of it, chosen by a hash of the video key: see
+:func:`vimpac.finetune.data.in_validation`) and is not trained on; ``best.pt`` is the update with
+the best top-1 on it. With ``val_fraction = 0`` nothing is held out, nothing is validated and no
+``best.pt`` is written. The evaluation split (the dataset's test list) is only read by
+``vimpac evaluate``.
 
 Updates: ``ceil(epochs * n_train / batch_size)``. The training stream is the concatenation of
 per-epoch permutations seeded by ``(seed, epoch)``; update ``u`` takes stream positions
@@ -20,8 +28,10 @@ every rank's RNG saved too, a resumed run ends with bitwise the same weights on 
 uninterrupted one.
 
 Outputs (``out_dir``): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt``, ``best.pt``,
-``final.pt``, ``summary.json``. ``best.pt`` / ``final.pt`` hold the whole model plus what evaluation
-needs (classes, grid, frame step, tokenizer fingerprint); :func:`load_finetuned` reads them.
+``final.pt``, ``summary.json``. ``best.pt`` / ``final.pt`` hold the whole model plus what
+evaluation needs (classes, grid, frame step, tokenizer fingerprint) and how the model was chosen
+(``checkpoint``: final or best, ``selection``, ``step``, ``val_top1``); :func:`load_finetuned`
+reads them.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import MetricsLog, autocast_context, param_groups, warmup_linear
 from vimpac.data.datasets import standard_splits
-from vimpac.finetune.data import ItemKey, TestClips, TrainClips, worker_context
+from vimpac.finetune.data import ItemKey, SplitPart, TestClips, TrainClips, worker_context
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBackbone
 
@@ -166,7 +176,11 @@ def load_finetuned(path: str | Path) -> tuple[FinetuneModel, dict[str, Any]]:
 
 @dataclass
 class FinetuneData:
-    """What the archive gives the run: classes, split tags, frame step and the datasets."""
+    """What the archive gives the run: classes, split tags, frame step and the datasets.
+
+    ``train`` and ``val`` are the two parts of the training split ``train_tag``; ``eval_tag``
+    (the test list) is only recorded, for ``vimpac evaluate``, and never read here.
+    """
     archive: Archive
     classes: list[str]
     train_tag: str
@@ -174,6 +188,7 @@ class FinetuneData:
     step: int
     train: TrainClips
     val: TestClips | None
+    val_part: SplitPart | None
 
 
 def frame_step(archive_fps: float, fps: float, root: Path) -> int:
@@ -198,18 +213,21 @@ def resolve_splits(settings: ArchiveSettings, split: str, root: Path) -> tuple[s
 
 def open_finetune_data(archive_path: str | Path, cfg: FinetuneConfig,
                        splits: tuple[str, str] | None = None) -> FinetuneData:
+    """The training split's two parts: training videos and the held-out validation videos."""
     archive = Archive(archive_path)
     pad_id = ModelConfig(codebook_size=archive.settings.codebook_size).pad_id
     train_tag, eval_tag = splits or resolve_splits(archive.settings, cfg.split, archive.root)
     step = frame_step(archive.settings.fps, cfg.fps, archive.root)
-    train = TrainClips(archive, train_tag, cfg.frames, cfg.grid, None, pad_id, cfg.seed, step)
-    try:
-        val = TestClips(archive, eval_tag, cfg.frames, cfg.grid, 1, ["center"], pad_id, step)
-    except ArchiveError as exc:
-        log.warning("no validation during fine-tuning: %s", exc)
-        val = None
+    if cfg.val_fraction > 0:
+        train_part = SplitPart(train_tag, "train", cfg.val_fraction)
+        val_part: SplitPart | None = SplitPart(train_tag, "val", cfg.val_fraction)
+    else:
+        train_part, val_part = SplitPart(train_tag), None
+    train = TrainClips(archive, train_part, cfg.frames, cfg.grid, None, pad_id, cfg.seed, step)
+    val = None if val_part is None else TestClips(archive, val_part, cfg.frames, cfg.grid, 1,
+                                                  ["center"], pad_id, step)
     classes = list(archive.settings.dataset["classes"])
-    return FinetuneData(archive, classes, train_tag, eval_tag, step, train, val)
+    return FinetuneData(archive, classes, train_tag, eval_tag, step, train, val, val_part)
 
 
 @functools.lru_cache(maxsize=4)
@@ -420,15 +438,32 @@ def write_run_config(out: Path, cfg: FinetuneConfig, archive: str | Path, init: 
     (out / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 
+SELECTION = {
+    "final": "the last update (the paper reports the last model)",
+    "best": "the update with the best top-1 on the validation split",
+}
+
+
+def validation_info(data: FinetuneData) -> dict[str, Any]:
+    """Where the validation videos came from (none when ``val_fraction`` is 0)."""
+    if data.val_part is None or data.val is None:
+        return {"split": None, "videos": 0}
+    return {"split": data.val_part.describe(), "from_split": data.train_tag,
+            "fraction": data.val_part.val_fraction, "videos": len(data.val),
+            "rule": "sha256 of the video key (UCF101: of its group) below the fraction"}
+
+
 def model_info(data: FinetuneData, cfg: FinetuneConfig, init: str | None,
-               trainer: Finetuner, top1: float) -> dict[str, Any]:
-    """What ``best.pt`` / ``final.pt`` carry besides the weights."""
+               trainer: Finetuner, kind: str, top1: float | None) -> dict[str, Any]:
+    """What ``best.pt`` / ``final.pt`` carry besides the weights: which model it is (``kind``:
+    final or best), how it was chosen, at which update, and its validation top-1."""
     settings = data.archive.settings
     return {"classes": data.classes, "tokenizer_fingerprint": settings.tokenizer_fingerprint,
             "codebook_size": settings.codebook_size, "dataset": settings.dataset["name"],
             "train_split": data.train_tag, "eval_split": data.eval_tag, "frame_step": data.step,
             "finetune_config": dataclasses.asdict(cfg), "init": init, "step": trainer.step,
-            "val_top1": top1}
+            "checkpoint": kind, "selection": SELECTION[kind], "val_top1": top1,
+            "validation": validation_info(data)}
 
 
 def train_loader(data: FinetuneData, cfg: FinetuneConfig, sampler: UpdateSampler,
@@ -480,16 +515,16 @@ def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, pr
         log.info("resumed from %s at update %d / %d", latest, trainer.step, schedule.total)
     log.info("fine-tuning %d updates on %d videos (%s), %d classes; validation on %s",
              schedule.total, len(data.train), data.train_tag, len(data.classes),
-             data.eval_tag if data.val is not None else "nothing")
+             f"{len(data.val)} videos, the {data.val_part.describe()}"
+             if data.val is not None and data.val_part is not None else "nothing")
     end = schedule.total if stop_after is None else min(stop_after, schedule.total)
     _train_loop(trainer, data, cfg, schedule, end, ckpts, metrics, progress, init, out)
     metrics.close()
-    last = trainer.last_top1
+    last = trainer.last_top1 if data.val is not None else None
     summary = _summary(trainer, schedule, data, out)
     if dist_info.is_main and trainer.step == schedule.total:
-        save_finetuned(out / "final.pt", trainer.raw, model_info(data, cfg, init, trainer, last))
-        if not (out / "best.pt").exists():  # no validation split: best is the final model
-            save_finetuned(out / "best.pt", trainer.raw, model_info(data, cfg, init, trainer, last))
+        save_finetuned(out / "final.pt", trainer.raw,
+                       model_info(data, cfg, init, trainer, "final", last))
         atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -520,6 +555,7 @@ def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, sch
 
 def _validate_and_keep_best(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig,
                             metrics: MetricsLog, init: str | None, out: Path) -> None:
+    """Top-1 on the validation part of the training split; ``best.pt`` when it improves."""
     top1 = validate(trainer.raw, data.val, trainer.dist, cfg.micro_batch, cfg.precision,
                     cfg.num_workers)
     metrics.write(trainer.step, {"val_top1": top1})
@@ -529,16 +565,21 @@ def _validate_and_keep_best(trainer: Finetuner, data: FinetuneData, cfg: Finetun
         trainer.best_top1, trainer.best_step = top1, trainer.step
         if trainer.dist.is_main:
             save_finetuned(out / "best.pt", trainer.raw,
-                           model_info(data, cfg, init, trainer, top1))
-    return top1
+                           model_info(data, cfg, init, trainer, "best", top1))
 
 
 def _summary(trainer: Finetuner, schedule: Schedule, data: FinetuneData,
              out: Path) -> dict[str, Any]:
+    validated = data.val is not None and trainer.best_step >= 0
     return {"complete": trainer.step == schedule.total, "steps": trainer.step,
             "total_steps": schedule.total, "train_videos": len(data.train),
             "val_videos": len(data.val) if data.val is not None else 0,
+            "validation": validation_info(data),
             "train_split": data.train_tag, "eval_split": data.eval_tag,
-            "classes": len(data.classes), "best_val_top1": trainer.best_top1,
-            "best_step": trainer.best_step, "final_val_top1": trainer.last_top1,
-            "best": str(out / "best.pt"), "final": str(out / "final.pt")}
+            "eval_split_use": "none during fine-tuning (vimpac evaluate reads it)",
+            "classes": len(data.classes),
+            "best_val_top1": trainer.best_top1 if validated else None,
+            "best_step": trainer.best_step if validated else None,
+            "final_val_top1": trainer.last_top1 if validated else None,
+            "best": str(out / "best.pt") if validated else None,
+            "final": str(out / "final.pt")}

@@ -3,12 +3,23 @@
 A short story of short functions: build data, model, optimizer and checkpointer; resume; then
 loop over updates (micro-batches accumulated to the target batch), log, save. DDP, compile and
 autocast are applied in :func:`wrap_model` and nowhere else. Run it alone or under ``torchrun``.
+
+Two stages, as the authors ran Large-Half (facts 5): one linear schedule of
+``pretrain.schedule_steps`` updates spans both; stage 1 (128 px) stops at its ``steps`` with the
+learning rate still above 0, and stage 2 (256 px) sets ``init_from`` to stage 1's run folder (or
+one of its training checkpoints) and continues the update count to its own ``steps``. Stage 2 then
+resumes all of stage 1 across the resolution change (:func:`continue_from`): the model with both
+heads, the position tables interpolated (1-D linear, as for fine-tuning), the AdamW state with the
+moments of those tables interpolated the same way (the official ``utils.interpolate_optimizer``
+idea), and the scheduler position. ``init_from`` may also name a ``pretrained.pt``: then only the
+weights are taken and the schedule starts at update 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -17,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vimpac.archive import open_archives
@@ -39,7 +50,8 @@ from vimpac.common.training import (
     warmup_linear,
 )
 from vimpac.pretrain.data import ClipStream, StreamSpec
-from vimpac.pretrain.export import load_pretrained, save_pretrained
+from vimpac.pretrain.export import FORMAT as PRETRAINED_FORMAT
+from vimpac.pretrain.export import full_state, load_pretrained, save_pretrained
 from vimpac.pretrain.losses import (
     COUNTS,
     changed_from_previous_frame,
@@ -47,9 +59,20 @@ from vimpac.pretrain.losses import (
     pretrain_loss,
 )
 from vimpac.pretrain.masking import MASKS, MaskParams, apply_mask
-from vimpac.pretrain.model import PRESETS, ModelConfig, VimpacPretrainModel, to_sync_batchnorm
+from vimpac.pretrain.model import (
+    PRESETS,
+    ModelConfig,
+    VimpacPretrainModel,
+    interpolate_table,
+    to_sync_batchnorm,
+)
 
 log = logging.getLogger(__name__)
+
+HEADS = ("mlm_head", "contrastive_head")  # their norm weights are decayed, as officially
+POSITIONS = ("pos_t", "pos_h", "pos_w")  # the backbone's factorised position tables
+SCHEDULE_KEYS = ("lr", "warmup", "weight_decay", "beta2")  # one schedule over every stage
+ARCHITECTURE_KEYS = ("model", "proj_hidden", "proj_layers")  # what a resolution change keeps
 
 
 class PretrainError(VimpacError):
@@ -72,6 +95,169 @@ class Plan:
         return cls(cfg.micro_batch, cfg.batch_size // per_update, MaskParams.of(cfg))
 
 
+def schedule_length(cfg: PretrainConfig | dict[str, Any]) -> int:
+    """Updates of the whole learning-rate schedule, over every stage (0 = ``steps``)."""
+    get = cfg.get if isinstance(cfg, dict) else functools.partial(getattr, cfg)
+    return int(get("schedule_steps", 0) or get("steps"))
+
+
+# ------------------------------------------------------------------------------- starting points
+
+@dataclass
+class StartPoint:
+    """What ``pretrain.init_from`` names: a training checkpoint of an earlier stage (``training``:
+    everything resumes) or a ``pretrained.pt`` (weights only)."""
+    path: Path
+    state: dict[str, Any]
+    training: bool
+
+
+def find_start(init_from: str) -> StartPoint | None:
+    """Read ``init_from``: a run folder (its newest checkpoint), a checkpoint or pretrained.pt."""
+    if not init_from:
+        return None
+    path = Path(init_from)
+    if path.is_dir():
+        latest = CheckpointManager(path / "checkpoints").latest()
+        if latest is None:
+            raise PretrainError(f"pretrain.init_from = {init_from}: no checkpoints/step-*.pt in "
+                                "that folder (name a stage-1 run folder, one of its checkpoints "
+                                "or a pretrained.pt)")
+        path = latest
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and state.get("format") == PRETRAINED_FORMAT:
+        return StartPoint(path, state, training=False)
+    if isinstance(state, dict) and {"model", "optimizer", "scheduler", "step", "config"} <= set(
+            state) and isinstance(state["config"], dict):
+        return StartPoint(path, state, training=True)
+    raise PretrainError(f"{path}: neither a pre-training checkpoint (checkpoints/step-*.pt) nor "
+                        "a pretrained.pt")
+
+
+def check_continuation(start: StartPoint, cfg: PretrainConfig, codebook_size: int) -> None:
+    """Stage 2 continues stage 1: same architecture and heads, one schedule, updates left."""
+    saved = start.state["config"]
+    diff = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+            for k in ARCHITECTURE_KEYS + SCHEDULE_KEYS if saved.get(k) != getattr(cfg, k)]
+    if schedule_length(saved) != schedule_length(cfg):
+        diff.append(f"schedule length {schedule_length(saved)} -> {schedule_length(cfg)} "
+                    "(pretrain.schedule_steps)")
+    model = start.state["model"]
+    embed = model.get("backbone.token_embed.weight") if isinstance(model, dict) else None
+    rows = embed.shape[0] if isinstance(embed, Tensor) else None
+    if rows is None or rows - 5 != codebook_size:
+        diff.append(f"codebook size {None if rows is None else rows - 5} -> {codebook_size} "
+                    "(the archive's)")
+    if diff:
+        raise PretrainError(f"{start.path}: a later stage continues the same model and one "
+                            f"learning-rate schedule, but {', '.join(diff)}")
+    if int(start.state["step"]) >= cfg.steps:
+        raise PretrainError(f"{start.path}: already at update {start.state['step']}; "
+                            f"pretrain.steps = {cfg.steps} leaves nothing to do (steps counts "
+                            "from the first stage's update 0)")
+
+
+def resized_positions(state: dict[str, Tensor], model: VimpacPretrainModel) -> dict[str, Tensor]:
+    """A model state with P_T, P_H, P_W interpolated to ``model``'s grid."""
+    out = dict(state)
+    for name in POSITIONS:
+        key, size = f"backbone.{name}", getattr(model.backbone, name).shape[0]
+        if key in out and out[key].shape[0] != size:
+            out[key] = interpolate_table(out[key], size)
+    return out
+
+
+def load_start_weights(model: VimpacPretrainModel, start: StartPoint, cfg: PretrainConfig,
+                       codebook_size: int) -> None:
+    """Weights of ``start`` into ``model`` (positions interpolated to the model's grid)."""
+    if start.training:
+        check_continuation(start, cfg, codebook_size)
+        with _unfit(start.path, "model weights"):
+            model.load_state_dict(resized_positions(start.state["model"], model))
+        log.info("continuing %s from update %d: model and both heads (positions at T%d/%dx%d)",
+                 start.path, start.state["step"], cfg.frames, cfg.grid, cfg.grid)
+        return
+    backbone, meta = load_pretrained(start.path)
+    if meta["codebook_size"] != codebook_size:
+        raise PretrainError(f"{start.path}: codebook size {meta['codebook_size']} != "
+                            f"archive's {codebook_size}")
+    mine = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in FREE_KEYS}
+    theirs = {k: v for k, v in dataclasses.asdict(backbone.config).items() if k not in FREE_KEYS}
+    if mine != theirs:
+        raise PretrainError(f"{start.path}: a backbone of another shape ({theirs}) than "
+                            f"pretrain.model = {cfg.model} ({mine})")
+    backbone.interpolate_positions(cfg.frames, cfg.grid, cfg.grid)
+    model.backbone.load_state_dict(backbone.state_dict())
+    heads = start.state.get("heads")
+    fits = isinstance(heads, dict) and (heads.get("proj_layers"), heads.get("proj_hidden")) == (
+        cfg.proj_layers, cfg.proj_hidden if cfg.proj_layers > 1 else 0)
+    if fits:
+        with _unfit(start.path, "head weights"):
+            model.load_state_dict(full_state(model.backbone.state_dict(), heads))
+    log.info("initialised from %s (positions interpolated to T%d/%dx%d; heads %s)", start.path,
+             cfg.frames, cfg.grid, cfg.grid, "loaded" if fits else "new")
+
+
+FREE_KEYS = ("frames", "height", "width", "dropout", "grad_checkpoint")  # may differ on init
+
+
+@contextlib.contextmanager
+def _unfit(path: Path, what: str) -> Any:
+    """A checkpoint's content that does not fit the model is the file's problem: one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        if isinstance(exc, PretrainError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PretrainError(f"{path}: {what} do not fit this model ({first[:300]})") from None
+
+
+def resized_moments(saved: dict[str, Any], optimizer: Any, resizable: set[int],
+                    source: Path) -> dict[str, Any]:
+    """A saved AdamW state dict fitted to ``optimizer``'s parameters: the moments of the
+    parameters in ``resizable`` (ids: the position tables) are interpolated like the tables."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if [len(g["params"]) for g in saved["param_groups"]] != \
+            [len(g["params"]) for g in optimizer.param_groups]:
+        raise PretrainError(f"{source}: optimizer parameter groups do not fit this model")
+    state = {}
+    for index, entry in saved["state"].items():
+        param = params[int(index)]
+        state[index] = {k: _fit_moment(v, param, id(param) in resizable, source)
+                        for k, v in entry.items()}
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _fit_moment(value: Any, param: Tensor, resizable: bool, source: Path) -> Any:
+    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape == param.shape:
+        return value
+    if resizable and value.dim() == 2 and value.shape[1:] == param.shape[1:]:
+        return interpolate_table(value, param.shape[0])  # [n, D] -> [n', D]
+    raise PretrainError(f"{source}: optimizer state of shape {tuple(value.shape)} does not fit "
+                        f"a parameter of shape {tuple(param.shape)}")
+
+
+def continue_from(start: StartPoint, model: VimpacPretrainModel, optimizer: Any,
+                  scheduler: Any) -> int:
+    """Resume a stage-1 checkpoint's AdamW state and schedule position; return its step.
+
+    The model weights were loaded by :func:`load_start_weights`; this interpolates the moments
+    of the position tables (``exp_avg``, ``exp_avg_sq``) to the new grid, keeps every other
+    moment as it was, and puts the scheduler at the checkpoint's update, so the learning rate
+    continues the one schedule.
+    """
+    tables = {id(getattr(model.backbone, name)) for name in POSITIONS}
+    with _unfit(start.path, "optimizer / scheduler state"):
+        optimizer.load_state_dict(resized_moments(start.state["optimizer"], optimizer, tables,
+                                                  start.path))
+        scheduler.load_state_dict(start.state["scheduler"])
+    step = int(start.state["step"])
+    log.info("schedule continues at update %d of %d, learning rate %.3g", step,
+             schedule_length(start.state["config"]), optimizer.param_groups[0]["lr"])
+    return step
+
+
 # -------------------------------------------------------------------------------------- building
 
 def model_config(cfg: PretrainConfig, codebook_size: int) -> ModelConfig:
@@ -80,19 +266,13 @@ def model_config(cfg: PretrainConfig, codebook_size: int) -> ModelConfig:
                                dropout=cfg.dropout, grad_checkpoint=cfg.grad_checkpoint)
 
 
-def build_model(cfg: PretrainConfig, codebook_size: int) -> VimpacPretrainModel:
+def build_model(cfg: PretrainConfig, codebook_size: int,
+                start: StartPoint | None = None) -> VimpacPretrainModel:
     torch.manual_seed(cfg.seed)                      # same initial weights on every rank
     model = VimpacPretrainModel(model_config(cfg, codebook_size), proj_hidden=cfg.proj_hidden,
                                 proj_layers=cfg.proj_layers)
-    if cfg.init_from:
-        backbone, meta = load_pretrained(cfg.init_from)
-        if meta["codebook_size"] != codebook_size:
-            raise PretrainError(f"{cfg.init_from}: codebook size {meta['codebook_size']} != "
-                                f"archive's {codebook_size}")
-        backbone.interpolate_positions(cfg.frames, cfg.grid, cfg.grid)
-        model.backbone.load_state_dict(backbone.state_dict())
-        log.info("initialised from %s (positions interpolated to T%d/%dx%d)", cfg.init_from,
-                 cfg.frames, cfg.grid, cfg.grid)
+    if start is not None:
+        load_start_weights(model, start, cfg, codebook_size)
     return model
 
 
@@ -110,9 +290,11 @@ def wrap_model(model: nn.Module, cfg: PretrainConfig, dist: DistInfo) -> nn.Modu
 
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> tuple[Any, Any]:
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    """AdamW with the official decay groups; warm-up + linear decay over the whole schedule."""
+    optimizer = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay, HEADS), lr=cfg.lr,
                                   betas=(0.9, cfg.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(cfg.steps, cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear(schedule_length(cfg), cfg.warmup))
     return optimizer, scheduler
 
 
@@ -197,20 +379,29 @@ def unwrap(model: nn.Module) -> VimpacPretrainModel:
     return getattr(model, "module", model)
 
 
+@dataclass
+class Position:
+    """Where a run stands: its update count, and the update its own stage started at (0, or
+    the stage-1 checkpoint's step); its data stream has served ``step - stage_start`` updates."""
+    step: int = 0
+    stage_start: int = 0
+
+
 def checkpoint_state(model: nn.Module, optimizer: Any, scheduler: Any, step: int,
-                     plan: Plan, cfg: PretrainConfig) -> dict[str, Any]:
+                     plan: Plan, cfg: PretrainConfig, stage_start: int = 0) -> dict[str, Any]:
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
-            "data": {"batches_consumed": step * plan.accumulation},
+            "stage_start": stage_start,
+            "data": {"batches_consumed": (step - stage_start) * plan.accumulation},
             "config": dataclasses.asdict(cfg)}
 
 
 def resume(ckpts: CheckpointManager, model: nn.Module, optimizer: Any, scheduler: Any,
-           cfg: PretrainConfig) -> int:
-    """Restore the newest checkpoint, if any; return the step to continue from."""
+           cfg: PretrainConfig) -> Position | None:
+    """Restore the run's own newest checkpoint, if any; return where it stands."""
     path = ckpts.latest()
     if path is None:
-        return 0
+        return None
     state = load_checkpoint(path)
     saved = {k: v for k, v in state["config"].items() if k not in RESUME_MAY_CHANGE}
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
@@ -224,7 +415,7 @@ def resume(ckpts: CheckpointManager, model: nn.Module, optimizer: Any, scheduler
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])
+    return Position(int(state["step"]), int(state.get("stage_start", 0)))
 
 
 RESUME_MAY_CHANGE = {"checkpoint_every", "keep_checkpoints", "log_every", "num_workers",
@@ -262,12 +453,18 @@ def _run(archives: list[str], cfg: PretrainConfig, out: Path, dist: DistInfo,
     opened = open_archives(archives)
     settings = opened[0].settings
     plan = Plan.build(cfg, dist.world)
-    model = build_model(cfg, settings.codebook_size)
+    start = find_start(cfg.init_from)
+    model = build_model(cfg, settings.codebook_size, start)
     model_cfg = model.config
     wrapped = wrap_model(model, cfg, dist)
     optimizer, scheduler = build_optimizer(wrapped, cfg)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    step = resume(ckpts, wrapped, optimizer, scheduler, cfg)
+    position = resume(ckpts, wrapped, optimizer, scheduler, cfg)
+    if position is None and start is not None and start.training:
+        step = continue_from(start, unwrap(wrapped), optimizer, scheduler)
+        position = Position(step, step)
+    position = position or Position()
+    step = position.step
     metrics = MetricsLog(out, enabled=dist.is_main)
     metrics.truncate_after(step)
     if dist.is_main:
@@ -275,14 +472,14 @@ def _run(archives: list[str], cfg: PretrainConfig, out: Path, dist: DistInfo,
             {"pretrain": dataclasses.asdict(cfg), "archives": archives,
              "tokenizer_fingerprint": settings.tokenizer_fingerprint}).encode())
     loader = build_loader(archives, cfg, plan, dist, model_cfg.pad_id, settings.fps,
-                          step * plan.accumulation)
+                          (step - position.stage_start) * plan.accumulation)
     last = _loop(wrapped, loader, optimizer, scheduler, cfg, plan, model_cfg, dist, ckpts,
-                 metrics, step, progress, stop_after)
+                 metrics, position, progress, stop_after)
     metrics.close()
     pretrained = out / "pretrained.pt"
     final_step = last.pop("_step")
     if dist.is_main and final_step >= cfg.steps:
-        save_pretrained(pretrained, unwrap(wrapped).backbone,
+        save_pretrained(pretrained, unwrap(wrapped),
                         tokenizer_fingerprint=settings.tokenizer_fingerprint, step=final_step,
                         pretrain_config=dataclasses.asdict(cfg))
     return PretrainResult(step=final_step, out_dir=out, pretrained=pretrained, last_metrics=last)
@@ -290,8 +487,9 @@ def _run(archives: list[str], cfg: PretrainConfig, out: Path, dist: DistInfo,
 
 def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
           cfg: PretrainConfig, plan: Plan, model_cfg: ModelConfig, dist: DistInfo,
-          ckpts: CheckpointManager, metrics: MetricsLog, step: int, progress: Progress,
+          ckpts: CheckpointManager, metrics: MetricsLog, position: Position, progress: Progress,
           stop_after: int | None) -> dict[str, float]:
+    step = position.step
     task = progress.task("pretrain", total=cfg.steps, unit="updates") if dist.is_main else None
     if task:
         task.update(completed=step)
@@ -317,7 +515,8 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
                             nce_acc=values["nce_acc"])
         if step % cfg.checkpoint_every == 0 or step == end:
             if dist.is_main:
-                ckpts.save(step, checkpoint_state(model, optimizer, scheduler, step, plan, cfg))
+                ckpts.save(step, checkpoint_state(model, optimizer, scheduler, step, plan, cfg,
+                                                  position.stage_start))
     if task:
         task.close()
     values["_step"] = step
