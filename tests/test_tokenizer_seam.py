@@ -169,7 +169,7 @@ def _old_vimpac(tmp_path: Path) -> Path:
 
 OLD_JOB = """
 import json, sys
-import vimpac.tokenize.dalle   # only the old tree has it: proves which code runs
+import vimpac.tokenize.dalle_import   # only the old tree has it: proves which code runs
 from vimpac.common.config import TokenizeConfig
 from vimpac.tokenize.job import run_tokenize
 cfg, inputs, tok, out = sys.argv[1:]

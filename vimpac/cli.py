@@ -481,7 +481,7 @@ def pretrain_import_official(classifier_pt: str, out_dir: str, tokenizer_dir: st
                              heads: int | None) -> None:
     """Import the authors' released classifier.pt (read with weights_only, never args.pickle)."""
     from vimpac.pretrain.official import import_official
-    from vimpac.tokenize.dalle import dalle_folder
+    from vimpac.tokenize.tokenizer import dalle_folder
 
     fingerprint, codebook = dalle_folder(tokenizer_dir)
     record = import_official(classifier_pt, out_dir, heads=heads, tokenizer_codebook=codebook,

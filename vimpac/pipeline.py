@@ -279,7 +279,7 @@ def stage_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
 def _import_official(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     """The authors' weights into ``pretrained.pt``, tied to the pipeline's DALL-E tokenizer."""
     from vimpac.pretrain.official import import_official
-    from vimpac.tokenize.dalle import dalle_folder
+    from vimpac.tokenize.tokenizer import dalle_folder
 
     path = ctx.config.pretrain.official_checkpoint
     if not Path(path).is_file():

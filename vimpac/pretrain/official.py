@@ -372,7 +372,7 @@ def import_official(src: str | Path, out_dir: str | Path, *, tokenizer_fingerpri
     """Convert an official ``classifier.pt`` into ``out_dir/pretrained.pt`` (+ ``import.json``).
 
     ``tokenizer_fingerprint`` / ``tokenizer_codebook``: of the DALL-E tokenizer whose tokens the
-    weights were trained on (:func:`vimpac.tokenize.dalle.dalle_folder`); fine-tuning checks
+    weights were trained on (:func:`vimpac.tokenize.tokenizer.dalle_folder`); fine-tuning checks
     archives against the fingerprint. ``heads``: see the module doc. Returns the provenance record.
     """
     src, out = Path(src), Path(out_dir)

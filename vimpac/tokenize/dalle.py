@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -265,18 +264,3 @@ class _StubbingPickle:
     load = pickle.load
     __name__ = "vimpac_dalle_stub_pickle"
 
-
-def dalle_folder(folder: str | Path) -> tuple[str, int]:
-    """(fingerprint, codebook size) of a ``vimpac tokenizer import-dalle`` folder: the tokens the
-    paper's released weights were pre-trained on; any other folder is refused in one line."""
-    from vimpac.tokenize.tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(folder)
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{folder}: not a tokenizer folder ({exc})") from None
-    if getattr(tokenizer, "name", None) != DalleTokenizer.name:
-        raise TokenizerError(f"{folder}: a {getattr(tokenizer, 'name', '?')!r} tokenizer; the "
-                             "official weights were pre-trained on DALL-E tokens: pass the "
-                             "folder written by `vimpac tokenizer import-dalle`")
-    return tokenizer.fingerprint(), tokenizer.codebook_size

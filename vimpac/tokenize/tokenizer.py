@@ -215,3 +215,17 @@ def _empty_ids(model: Any, clips: torch.Tensor) -> torch.Tensor:
 
 def _ids_to_uint16(ids: torch.Tensor) -> np.ndarray:
     return ids.numpy().astype(np.uint16)
+
+
+def dalle_folder(folder: str | Path) -> tuple[str, int]:
+    """(fingerprint, codebook size) of a ``vimpac tokenizer import-dalle`` folder: the tokens the
+    paper's released weights were pre-trained on; any other folder is refused in one line."""
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{folder}: not a tokenizer folder ({exc})") from None
+    if getattr(tokenizer, "name", None) != DalleTokenizer.name:
+        raise TokenizerError(f"{folder}: a {getattr(tokenizer, 'name', '?')!r} tokenizer; the "
+                             "official weights were pre-trained on DALL-E tokens: pass the "
+                             "folder written by `vimpac tokenizer import-dalle`")
+    return tokenizer.fingerprint(), tokenizer.codebook_size
