@@ -30,7 +30,7 @@ class StreamSpec:
     on_corrupt: str = "stop"    # stop | skip
     prefetch: int = 2           # shard-buffer mode: shards fetched ahead from object stores
     shuffle: str = "auto"       # global | shard | auto (global when every archive is local)
-    window: int = 1024          # global mode: samples read together, grouped by shard
+    window: int = 2048          # global mode: samples read together, grouped by shard
     open_shards: int = 64       # global mode: shard readers kept open (least recently used out)
 
 

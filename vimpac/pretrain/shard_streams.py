@@ -146,7 +146,8 @@ class PoolStream:
             for items in self.source.epoch_items(self.p, epoch, self.stream, self.streams):
                 produced += len(items[1])
                 yield items
-            if not produced:
+            if not produced and self.source.epoch_size(self.p, epoch, self.stream,
+                                                       self.streams):
                 raise ArchiveError(f"{self.source.names[self.p]}: every shard of this reader's "
                                    f"epoch {epoch} was skipped as corrupt (see the warnings): "
                                    "nothing to train on")
