@@ -2,11 +2,11 @@
 
 Positions -> (pool, draw) by the interleave -> video uid by the pool's epoch permutation (or a
 uniform pick, with replacement) -> two clip starts and a crop hashed from ``(seed, position)`` ->
-clips read through the archive's shard readers (``ShardReader.read``: a zarr inner chunk, or a
-tar member by offset), each read checked like every other read.
+clips read through the archive's shard readers (``ShardReader.read``, which reads what one clip
+needs, not the shard), each read checked like every other read.
 
 A window of positions is read together: its reads are sorted by shard, video and frame, so each
-shard is opened once per window and each zarr chunk decoded once per window. Open readers are kept
+shard is opened once per window and each compressed chunk decoded once per window. Readers are kept
 in a least-recently-used cache of ``open_shards`` entries; a reader's caches (a decoded chunk, a
 file handle) are released when the window is done with its shard, so memory is bounded by the
 window and the cache's size, never by the archive.
