@@ -15,11 +15,11 @@ replacement); the epochs of each source are counted separately.
 remainders, so weights are kept to 1/65,536). Within the period, pool ``p``'s ``j``-th slot sits
 at time ``(j + 1/2) / q_p`` and all pools' slots are merged in time order (ties by pool), which
 spreads every pool evenly: any ``n`` consecutive slots hold ``n * w_p`` of pool ``p`` to within
-about one sample per pool. For the global order the slots are then permuted inside blocks of
-``BLOCK`` = 4,096 (seeded), so that the share of a source seen by one rank (every W-th
-micro-batch) does not depend on W through a periodic pattern: whole blocks keep the exact quotas,
-and a window of n samples inside blocks, overall or per rank, is a sample without replacement
-from them (standard deviation ``sqrt(n w (1 - w))`` or less).
+two samples (tested for up to four pools). For the global order the slots are then permuted
+inside blocks of ``BLOCK`` = 4,096 (seeded), so that the share of a source seen by one rank (every
+W-th micro-batch) cannot lock onto a periodic pattern: whole blocks keep their shares to within
+two samples, and a window of n samples inside blocks, overall or on one rank, is a sample without
+replacement from them (standard deviation ``sqrt(n w (1 - w))`` or less).
 
 **Randomness by position.** Clip starts and crops of sample ``g`` come from a counter-based hash
 (splitmix64) of ``(seed, g)``, so they do not depend on which reader draws them or in what order.
