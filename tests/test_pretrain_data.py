@@ -160,19 +160,20 @@ def test_the_global_sequence_is_the_same_under_1_2_3_ranks_and_0_1_2_workers(arc
             assert run(stream_of, world, workers, 36) == reference, (world, workers)
 
 
-@pytest.mark.parametrize("shuffle", ["global", "shard"])
-def test_resuming_2_ranks_into_3_continues_the_sequence_exactly(archives, shuffle):
+@pytest.mark.parametrize(("shuffle", "micro"), [("global", 2), ("shard", 2), ("global", 3),
+                                                ("shard", 3)])
+def test_resuming_2_ranks_into_3_continues_the_sequence_exactly(archives, shuffle, micro):
     paths = [Source(str(archives["a"]), 0.7), Source(str(archives["b"]), 0.3, True)]
-    size = 2
     reference = run(lambda r, w: ClipStream(paths, spec(shuffle=shuffle), r, w, streams=2),
                     1, 0, 60)
     before = run(lambda r, w: ClipStream(paths, spec(shuffle=shuffle), r, w, streams=2),
                  2, 0, 24)                                 # 4 updates of 12 samples
-    start = 24 * size
+    start = 24 * 2
     state = ClipStream(paths, spec(shuffle=shuffle), 0, 2, streams=2).state(start)
-    after = run(lambda r, w: ClipStream(paths, spec(shuffle=shuffle), r, w, start=start,
-                                        streams=state["streams"], block=state["block"],
-                                        mode=state["mode"]), 3, 2, 36)
+    after = run(lambda r, w: ClipStream(paths, spec(shuffle=shuffle, batch_size=micro), r, w,
+                                        start=start, streams=state["streams"],
+                                        block=state["block"], mode=state["mode"]),
+                3, 2, (120 - start) // micro)              # micro-batches of 2, or now of 3
     assert sorted(before) == list(range(start))
     assert sorted(after) == list(range(start, 120))       # nothing repeated, nothing skipped
     assert {**before, **after} == reference
@@ -183,11 +184,9 @@ def test_a_dataloader_with_spawned_workers_delivers_the_in_process_sequence(arch
 
     stream = ClipStream([archives["a"]], spec(), rank=1, world=2, start=8)
     loader = DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    it = iter(loader)
-    got = samples(next(it) for _ in range(6))
-    want = samples(next(its[j % 2]) for its in [[stream.batches(0, 2), stream.batches(1, 2)]]
-                   for j in range(6))
-    assert got == want
+    got = samples(take(iter(loader), 6))
+    workers = [stream.batches(0, 2), stream.batches(1, 2)]      # taken in turn, as DataLoader does
+    assert got == samples(next(workers[j % 2]) for j in range(6))
     assert sorted(got) == [p for u in range(4, 16) if u % 2 for p in (2 * u, 2 * u + 1)]
 
 
@@ -390,3 +389,28 @@ def test_training_resumed_on_3_processes_trains_on_exactly_the_uninterrupted_sam
     assert [a[s] for s in (1, 2)] == [b[s] for s in (1, 2)]
     assert abs(a[3] - b[3]) <= 1e-6 * abs(a[3])          # same weights, data, masks, dropout
     assert abs(a[4] - b[4]) <= 1e-4 * abs(a[4])          # gradients summed in another order
+
+
+def test_pretrain_without_archives_or_sources_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from vimpac.cli import cli
+
+    result = CliRunner().invoke(cli, ["pretrain", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no archives: give them on the command line or in pretrain.sources" in result.output
+
+
+@pytest.mark.parametrize(("key", "value"), [("mode", "random"), ("samples", -8), ("block", 0),
+                                            ("sources", "a")])
+def test_a_checkpoint_with_a_bad_data_position_is_refused_naming_the_key(archives, tmp_path, key,
+                                                                         value):
+    from vimpac.common.checkpoint import save_checkpoint
+
+    run_pretrain([archives["a"]], TINY, tmp_path / "run", stop_after=2)
+    path = tmp_path / "run" / "checkpoints" / "step-000000002.pt"
+    state = load_checkpoint(path)
+    state["data"][key] = value
+    save_checkpoint(path, state)
+    with pytest.raises(PretrainError, match=f"step-000000002.pt: data.{key} = "):
+        run_pretrain([archives["a"]], TINY, tmp_path / "run")

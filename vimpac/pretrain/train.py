@@ -244,10 +244,27 @@ def data_position(step: int, saved: dict[str, Any] | None, path: Path | None,
             log.warning("%s: checkpoint of an older data order; continuing at sample %d of the "
                         "global order", path, position)
         return {"samples": position}
+    for key, valid in DATA_STATE.items():
+        value = saved.get(key)
+        if not valid(value):
+            raise PretrainError(f"{path}: data.{key} = {value!r} is not a valid data position")
     if saved["samples"] != position:
         raise PretrainError(f"{path}: data position {saved['samples']} does not match step "
                             f"{step} x batch_size {cfg.batch_size}")
     return {**saved, "checkpoint": str(path)}
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= 1 << 50
+
+
+DATA_STATE = {  # what a checkpoint's data position may hold (checkpoints are read from disk)
+    "samples": lambda v: _whole(v, 0),
+    "mode": lambda v: v in ("global", "shard"),
+    "streams": lambda v: v is None or _whole(v, 1),
+    "block": lambda v: v is None or _whole(v, 1),
+    "sources": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+}
 
 
 def resume(ckpts: CheckpointManager, model: nn.Module, optimizer: Any, scheduler: Any,
