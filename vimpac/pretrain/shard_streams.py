@@ -15,7 +15,10 @@ When every reader (rank x worker) owns exactly one stream, as when the run start
 read by one reader only. A run resumed with another number of readers still produces the same
 sequence: a reader then computes the streams its micro-batches come from and skips the samples
 of those streams that other readers use (reading more than its share). Resuming inside an epoch
-replays that epoch of the stream up to the position (whole epochs are skipped by count).
+replays that epoch of the stream up to the position; whole epochs before it are skipped by the
+manifest's counts, so if a corrupt shard was skipped (``on_corrupt: skip``) in one of them, the
+resumed stream is shifted by that shard's videos from then on (the global shuffle has no such
+caveat: it replaces a skipped shard's samples in place).
 """
 
 from __future__ import annotations
