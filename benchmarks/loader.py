@@ -1,11 +1,18 @@
-"""Loader benchmark (issue 5a): clips/s of the pre-training stream vs tokenizing clips on the fly.
+"""Loader benchmark (issues 5a, 22): clips/s of the pre-training stream, its shuffle quality.
 
 Measured in one process (``num_workers=0``) at T5/16x16 on an archive with a 16x16 grid:
 :class:`vimpac.pretrain.data.ClipStream` from zarr and from webdataset, with what training does
-to every batch (clips flattened to ``[2B, T, H, W]``, :func:`block_mask` + :func:`apply_mask`).
-Baseline: the same clips made from the source videos on the fly, as a pipeline without a token
-cache would: ffmpeg decodes the clip's time range (``-ss``, fps/scale/crop filters) and the VQ
-encoder tokenizes it. Targets: >= 100x faster than on the fly and >= 10,000 clips/s.
+to every batch (clips flattened to ``[2B, T, H, W]``, :func:`block_mask` + :func:`apply_mask`),
+in both shuffle modes: ``shard`` (shards streamed through a shuffle buffer, the stream before
+issue 22) and ``global`` (one seeded order over every clip, read by random access). Baseline of
+the shard-buffer rows: the same clips made from the source videos on the fly, as a pipeline
+without a token cache would: ffmpeg decodes the clip's time range (``-ss``, fps/scale/crop
+filters) and the VQ encoder tokenizes it. Targets: >= 100x faster than on the fly and >= 10,000
+clips/s; global shuffle >= 10,000 clips/s from zarr and >= 0.5x the shard-buffer stream.
+
+Shuffle quality: how much more often two videos of one batch come from the same shard than in a
+uniformly random order (:func:`vimpac.pretrain.mixing.shuffle_quality`; 1.0 is a perfect
+shuffle), over the first epoch of each mode.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ PAD_ID, MASK_ID = CODEBOOK + 1, CODEBOOK + 4
 NUM_BLOCKS = 5          # paper Table 2 for T5 / 16x16
 
 
-def stream_rate(archive: Path, fmt: str, batch: int, batches: int, seed: int = 0) -> float:
+def stream_rate(archive: Path | str, fmt: str, batch: int, batches: int, seed: int = 0,
+                shuffle: str = "shard") -> float:
     """Clips/s of ClipStream + block masking, ``batches`` batches of ``batch`` videos (2 clips)."""
     from vimpac.pretrain.data import ClipStream, StreamSpec
     from vimpac.pretrain.masking import apply_mask, block_mask
 
     spec = StreamSpec(frames=FRAMES, grid=GRID, batch_size=batch, pad_id=PAD_ID, seed=seed,
-                      fmt=fmt, shuffle_buffer=256)
+                      fmt=fmt, shuffle_buffer=256, shuffle=shuffle)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     it = iter(ClipStream([archive], spec))
@@ -60,6 +68,22 @@ def shard_checks_off() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(ShardLayout, name, fn)
+
+
+def quality(archive: Path, shuffle: str, batch: int, seed: int = 0) -> float:
+    """Shuffle quality over the first epoch (see the module docstring)."""
+    import numpy as np
+
+    from vimpac.pretrain.data import ClipStream, StreamSpec
+    from vimpac.pretrain.mixing import shuffle_quality
+
+    spec = StreamSpec(frames=FRAMES, grid=GRID, batch_size=batch, pad_id=PAD_ID, seed=seed,
+                      shuffle_buffer=256, shuffle=shuffle)
+    stream = ClipStream([archive], spec)
+    it = stream.batches()
+    uids = np.concatenate([next(it)["video"].numpy()
+                           for _ in range(stream.catalog.videos // batch)])
+    return shuffle_quality(stream.shard_of(uids), batch)
 
 
 def clip_command(path: Path, start: float, seconds: float) -> list[str]:
@@ -103,7 +127,8 @@ def run(scale: Scale, work: Path) -> BenchResult:
     videos = [(p, probe(p).duration or 1.0) for p in sources]
     rates: dict[str, list[float]] = {"zarr": [], "webdataset": [], "onthefly": [],
                                      "s3-zarr": [], "s3-webdataset": [],
-                                     "unchecked-zarr": [], "unchecked-webdataset": []}
+                                     "unchecked-zarr": [], "unchecked-webdataset": [],
+                                     "global-zarr": [], "global-webdataset": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # as in a DataLoader worker (torch sets 1 thread there)
     try:
@@ -112,40 +137,64 @@ def run(scale: Scale, work: Path) -> BenchResult:
             location(remote).put_tree(archive, "")
             for r in range(scale.repeats):
                 for fmt in ("zarr", "webdataset"):
-                    for checked in ((True, False) if r % 2 == 0 else (False, True)):
-                        with contextlib.nullcontext() if checked else shard_checks_off():
-                            rates[fmt if checked else f"unchecked-{fmt}"].append(stream_rate(
-                                archive, fmt, scale.loader_batch, scale.loader_batches))
+                    order = ("checked", "unchecked", "global")
+                    for kind in order[r % 3:] + order[:r % 3]:   # side by side, rotated
+                        with shard_checks_off() if kind == "unchecked" else \
+                                contextlib.nullcontext():
+                            key = {"checked": fmt}.get(kind, f"{kind}-{fmt}")
+                            rates[key].append(stream_rate(
+                                archive, fmt, scale.loader_batch, scale.loader_batches,
+                                shuffle="global" if kind == "global" else "shard"))
                     rates[f"s3-{fmt}"].append(stream_rate(remote, fmt, scale.loader_batch,
-                                                          scale.loader_batches))
+                                                          scale.loader_batches, shuffle="shard"))
                 rates["onthefly"].append(onthefly_rate(videos, model, scale.onthefly_clips,
                                                        seed=r))
+        shuffles = {mode: [quality(archive, mode, scale.loader_batch, seed=r)
+                           for r in range(scale.repeats)] for mode in ("global", "shard")}
     finally:
         torch.set_num_threads(threads)
     figures = []
     for fmt in ("zarr", "webdataset"):
         figures.append(ratio_figure(
-            "loader", f"ClipStream {fmt} with shard checks vs without", rates[fmt], "clips/s",
+            "loader", f"global shuffle {fmt} vs shard-buffer stream", rates[f"global-{fmt}"],
+            "clips/s", rates[fmt], f"shard-buffer {fmt}", ("ratio", ">=", 0.5),
+            note="random clip reads (zarr: inner chunk; tar: member by offset), each shard "
+                 "checked whole on first open; interleaved repeats"))
+    figures.append(ratio_figure(
+        "loader", "global shuffle zarr clips/s in one process", rates["global-zarr"], "clips/s",
+        rates["zarr"], "shard-buffer zarr", ("value", ">=", 10_000.0)))
+    figures.append(ratio_figure(
+        "loader", "shuffle quality: same-shard pairs in a batch vs a random order, global vs "
+        "shard-buffer", shuffles["global"], "x random", shuffles["shard"],
+        "shard-buffer (256 videos)", ("ratio", "<", 1.0),
+        note=f"first epoch, batches of {scale.loader_batch}; 1.0 = a perfect shuffle",
+        paired=True))
+    for fmt in ("zarr", "webdataset"):
+        figures.append(ratio_figure(
+            "loader", f"shard-buffer ClipStream {fmt} with shard checks vs without",
+            rates[fmt], "clips/s",
             rates[f"unchecked-{fmt}"], f"{fmt} without the checks", ("ratio", ">=", 0.95),
             note="offsets, shapes, grid and token ids checked against the manifest once per "
                  "shard read; interleaved repeats"))
     for fmt in ("zarr", "webdataset"):
         figures.append(ratio_figure(
-            "loader", f"ClipStream {fmt} from S3 (moto on loopback) vs local disk",
+            "loader", f"shard-buffer ClipStream {fmt} from S3 (moto on loopback) vs local disk",
             rates[f"s3-{fmt}"], "clips/s", rates[fmt], f"local {fmt}",
             note="whole-shard GETs checked against the manifest, 2 shards prefetched; "
                  "a loopback server, so this is the client-side cost, not network latency"))
     for fmt in ("zarr", "webdataset"):
         figures.append(ratio_figure(
-            "loader", f"ClipStream {fmt} vs on-the-fly decode+tokenize", rates[fmt], "clips/s",
+            "loader", f"shard-buffer ClipStream {fmt} vs on-the-fly decode+tokenize",
+            rates[fmt], "clips/s",
             rates["onthefly"], "ffmpeg clip decode + default VQ encoder", (("ratio", ">=", 100.0)),
             note=f"batch {scale.loader_batch} videos, T5/16x16, block mask included, "
                  "1 torch thread"))
         figures.append(ratio_figure(
-            "loader", f"ClipStream {fmt} clips/s in one process", rates[fmt], "clips/s",
+            "loader", f"shard-buffer ClipStream {fmt} clips/s in one process",
+            rates[fmt], "clips/s",
             rates["onthefly"], "ffmpeg clip decode + default VQ encoder",
             ("value", ">=", 10_000.0)))
-    details = {"rates": rates, "batch_videos": scale.loader_batch,
+    details = {"rates": rates, "shuffle_quality": shuffles, "batch_videos": scale.loader_batch,
                "batches_per_repeat": scale.loader_batches,
                "archive": {"shards": scale.loader_shards,
                            "videos_per_shard": scale.loader_videos_per_shard,

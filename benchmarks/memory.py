@@ -1,13 +1,16 @@
-"""Loader memory benchmark (issue 5d): peak RSS streaming an archive of 1x vs 10x as many shards.
+"""Loader memory benchmark (issues 5d, 22): peak RSS streaming an archive of 1x vs 10x the shards.
 
-Each measurement runs in a fresh subprocess (``python -m benchmarks.memory ARCHIVE FMT``) that
-streams one full epoch of :class:`ClipStream` (T5/16x16) and reports its peak RSS (VmHWM) before
-and after streaming. Shards have the same size in both archives, so a loader that holds one shard
-and its shuffle buffer (and never the archive) peaks at the same RSS. Target: 10x / 1x <= 1.1.
+Each measurement runs in a fresh subprocess (``python -m benchmarks.memory ARCHIVE FMT MODE``)
+that streams one full epoch of :class:`ClipStream` (T5/16x16) and reports its peak RSS (VmHWM)
+before and after streaming. Shards have the same size in both archives, so a loader that holds
+one shard and its shuffle buffer (shard-buffer mode), or one read window and a bounded cache of
+open shard readers (global shuffle), and never the archive, peaks at the same RSS. Target:
+10x / 1x <= 1.1 in both modes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -33,7 +36,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stream_epoch(archive: str, fmt: str) -> dict[str, float]:
+def stream_epoch(archive: str, fmt: str, shuffle: str) -> dict[str, float]:
     """Stream one epoch; RSS peaks in MiB (after set-up, after streaming) and batches read."""
     import torch
 
@@ -41,19 +44,20 @@ def stream_epoch(archive: str, fmt: str) -> dict[str, float]:
 
     torch.set_num_threads(1)
     stream = ClipStream([archive], StreamSpec(frames=FRAMES, grid=GRID, batch_size=BATCH,
-                                              pad_id=8193, fmt=fmt, shuffle_buffer=256))
-    batches = stream.batches_per_epoch(0, 1, 0)
+                                              pad_id=8193, fmt=fmt, shuffle_buffer=256,
+                                              shuffle=shuffle))
+    batches = stream.catalog.videos // BATCH
     setup = peak_rss_mib()
-    it = stream.consumer_batches(0, 1)
+    it = stream.batches()
     for _ in range(batches):
         next(it)
     peak = peak_rss_mib()
     return {"setup_mib": setup, "peak_mib": peak, "batches": batches}
 
 
-def measure(archive: Path, fmt: str) -> dict[str, float]:
+def measure(archive: Path, fmt: str, shuffle: str) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", str(archive), fmt],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", str(archive), fmt, shuffle],
                           capture_output=True, text=True, env=env, check=False,
                           cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
@@ -68,12 +72,15 @@ def run(scale: Scale, work: Path) -> BenchResult:
                                        frames=frames, formats=("zarr", "webdataset"), seed=k)
                 for k in (1, 10)}
     figures, details = [], {}
-    for fmt in ("zarr", "webdataset"):
-        one = [measure(archives[1], fmt) for _ in range(scale.repeats)]
-        ten = [measure(archives[10], fmt) for _ in range(scale.repeats)]
-        details[fmt] = {"1x": one, "10x": ten}
+    for shuffle, fmt in itertools.product(("shard", "global"), ("zarr", "webdataset")):
+        one, ten = [], []
+        for _ in range(scale.repeats):                   # side by side
+            one.append(measure(archives[1], fmt, shuffle))
+            ten.append(measure(archives[10], fmt, shuffle))
+        details[f"{shuffle}-{fmt}"] = {"1x": one, "10x": ten}
+        mode = "shard-buffer" if shuffle == "shard" else "global shuffle"
         figures.append(ratio_figure(
-            "loader-memory", f"peak RSS streaming 10x shards vs 1x ({fmt})",
+            "loader-memory", f"peak RSS streaming 10x shards vs 1x ({mode}, {fmt})",
             [r["peak_mib"] for r in ten], "MiB", [r["peak_mib"] for r in one],
             f"{scale.memory_shards} shards", ("ratio", "<=", 1.1),
             note=f"growth while streaming: 1x +{one[0]['peak_mib'] - one[0]['setup_mib']:.0f} "
@@ -84,4 +91,4 @@ def run(scale: Scale, work: Path) -> BenchResult:
 
 
 if __name__ == "__main__":
-    print(json.dumps(stream_epoch(sys.argv[1], sys.argv[2])))
+    print(json.dumps(stream_epoch(sys.argv[1], sys.argv[2], sys.argv[3])))

@@ -67,7 +67,7 @@ TOK = TokenizeConfig(fps=4.0, shorter_side=32, size=32, videos_per_shard=2, deco
                      batch_frames=16, device="cpu")
 PRE = PretrainConfig(model="tiny", frames=3, grid=4, batch_size=4, micro_batch=4, steps=2,
                      num_workers=0, checkpoint_every=1, log_every=1, proj_hidden=32,
-                     shuffle_buffer=4, seed=1)
+                     shuffle_buffer=4, seed=1, shuffle="shard")   # the same order wherever
 
 
 def test_tokenize_into_s3_then_pretrain_from_it_equals_local(s3, videos, tiny_tokenizer,
@@ -89,15 +89,17 @@ def test_tokenize_into_s3_then_pretrain_from_it_equals_local(s3, videos, tiny_to
             assert np.array_equal(read_tokens(url, key, fmt=fmt),
                                   read_tokens(tmp_path / "local", key, fmt=fmt))
 
-    def batches(archive, fmt, n=4):
+    def batches(archive, fmt, shuffle, n=4):
         spec = StreamSpec(frames=3, grid=4, batch_size=2, pad_id=65, seed=2, fmt=fmt,
-                          shuffle_buffer=4)
+                          shuffle_buffer=4, shuffle=shuffle)
         stream = iter(ClipStream([archive], spec))
         return [next(stream)["tokens"] for _ in range(n)]
 
     for fmt in ("zarr", "webdataset"):
-        for a, b in zip(batches(url, fmt), batches(tmp_path / "local", fmt), strict=True):
-            assert torch.equal(a, b)
+        for shuffle in ("shard", "global"):       # auto picks shard on S3, global on disk
+            for a, b in zip(batches(url, fmt, shuffle), batches(tmp_path / "local", fmt, shuffle),
+                            strict=True):
+                assert torch.equal(a, b)
 
     runs = [run_pretrain([arch], PRE, tmp_path / name)
             for arch, name in ((url, "from-s3"), (tmp_path / "local", "from-disk"))]
@@ -115,7 +117,8 @@ def test_dataloader_workers_stream_from_s3(s3, tmp_path):
     here = write_token_archive(tmp_path / "labelled", videos=8, labels=labels, splits=splits,
                                per_shard=3)
 
-    spec = StreamSpec(frames=4, grid=8, batch_size=2, pad_id=65, seed=0, shuffle_buffer=4)
+    spec = StreamSpec(frames=4, grid=8, batch_size=2, pad_id=65, seed=0, shuffle_buffer=4,
+                      shuffle="shard")                    # auto picks global on a local disk
 
     def stream(archive):
         loader = DataLoader(ClipStream([archive], spec), batch_size=None, num_workers=1,

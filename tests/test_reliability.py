@@ -307,7 +307,8 @@ def test_corrupt_shard_stops_or_is_skipped_by_setting(fmt: str, tokens: Path, tm
     root = Path(shutil.copytree(tokens, tmp_path / "arch"))
     bad = "shard-w00000-000001"
     _flip_byte(_zarr_chunk(root, bad) if fmt == "zarr" else root / "wds" / f"{bad}.tar", 600)
-    spec = StreamSpec(frames=5, grid=8, batch_size=1, pad_id=65, fmt=fmt, shuffle_buffer=1)
+    spec = StreamSpec(frames=5, grid=8, batch_size=1, pad_id=65, fmt=fmt, shuffle_buffer=1,
+                      shuffle="shard")                 # global mode replaces the shard's videos
     with pytest.raises(ChecksumError, match=bad):
         list(ClipStream([root], spec).epoch_batches(0, 0, 1))
     skip = ClipStream([root], dataclasses.replace(spec, on_corrupt="skip"))
@@ -429,7 +430,8 @@ def test_object_array_in_place_of_tokens_is_refused(wds_archive: Path, tmp_path:
     assert verify(wds_archive).ok
     with pytest.raises(ArchiveError, match=r"shard-w00000-000000\.tar: member .*tokens\.npy"):
         _read_all(wds_archive)
-    spec = StreamSpec(frames=5, grid=8, batch_size=2, pad_id=65, fmt="webdataset")
+    spec = StreamSpec(frames=5, grid=8, batch_size=2, pad_id=65, fmt="webdataset",
+                      shuffle="shard")                 # global mode replaces the shard's videos
     with pytest.raises(ArchiveError, match="not a plain array"):
         list(ClipStream([wds_archive], spec).epoch_batches(0, 0, 1))
     skip = ClipStream([wds_archive], dataclasses.replace(spec, on_corrupt="skip"))

@@ -444,7 +444,7 @@ def pretrain() -> None:
 
 
 @pretrain.command("train")
-@click.argument("archives", nargs=-1, required=True, type=ARCHIVE)
+@click.argument("archives", nargs=-1, required=False, type=ARCHIVE)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="run folder: checkpoints, metrics.jsonl, tensorboard/, pretrained.pt")
 @click.option("--stop-after", type=int, default=None,
@@ -453,7 +453,10 @@ def pretrain() -> None:
 @handle_errors
 def pretrain_train(ctx: Context, archives: tuple[str, ...], out_dir: str,
                    stop_after: int | None) -> None:
-    """Pre-train on token archives (masked tokens + contrastive); resumable; torchrun-ready."""
+    """Pre-train on token archives (masked tokens + contrastive); resumable; torchrun-ready.
+
+    ARCHIVES are read together, each video once per epoch; to mix archives by weight, list them
+    in pretrain.sources instead (pipelines.yaml or --set)."""
     from vimpac.pretrain.train import run_pretrain
 
     cfg = ctx.pipeline().pretrain

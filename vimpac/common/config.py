@@ -140,6 +140,17 @@ class TokenizeConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One archive of ``pretrain.sources``: where it is, its share of the samples, and how it
+    is drawn."""
+    path: str = param("", "archive folder or URL (s3://bucket/prefix)")
+    weight: float = param(0.0, "share of the samples drawn from this archive (normalised over "
+                               "the sources); 0 for every source: shares by size", ge=0)
+    replacement: bool = param(False, "draw videos independently (with replacement) instead of "
+                                     "epoch by epoch")
+
+
+@dataclass
 class PretrainConfig:
     """Stage 2: masked-token prediction + contrastive learning on token archives."""
     format: str = param("zarr", "archive format to stream: zarr or webdataset",
@@ -181,7 +192,19 @@ class PretrainConfig:
     compile: bool = param(False, "torch.compile the model")
     grad_checkpoint: bool = param(False, "activation checkpointing per layer")
     num_workers: int = param(2, "DataLoader workers per process", ge=0, le=64)
-    shuffle_buffer: int = param(256, "videos in the sample shuffle buffer", ge=1)
+    sources: list[SourceConfig] = param([], "archives to mix, each {path, weight, replacement} "
+                                            "(instead of ARCHIVES on the command line)")
+    shuffle: str = param("auto", "global: one seeded order over every clip, read by random "
+                                 "access; shard: shards streamed through a shuffle buffer; auto: "
+                                 "global when every archive is local", choices=("auto", "global",
+                                                                               "shard"))
+    shuffle_buffer: int = param(256, "videos in the shard-buffer mode's shuffle buffer", ge=1)
+    read_window: int = param(2048, "global shuffle: samples read together, grouped by shard "
+                                   "(each shard opened, each chunk decoded once per window; "
+                                   "10 MiB per DataLoader worker at T5, 16x16)",
+                             ge=1, le=1 << 20)
+    open_shards: int = param(64, "global shuffle: shard readers kept open per DataLoader "
+                                 "worker", ge=1, le=1 << 16)
     checkpoint_every: int = param(500, "updates between checkpoints", ge=1)
     keep_checkpoints: int = param(3, "checkpoints kept", ge=1)
     log_every: int = param(10, "updates between metric lines", ge=1)
@@ -277,6 +300,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
@@ -385,6 +410,10 @@ def build_section(cls: type, raw: Any, section: str, where: _Where) -> Any:
             known = ", ".join(sorted(fields))
             raise where.error(f"{section}.{key}", expected=f"unknown key (known: {known})")
         meta = fields[key].metadata
+        item = _record_type(hints[key])
+        if item is not None:
+            values[key] = _records(item, value, f"{section}.{key}", where)
+            continue
         try:
             value = _coerce(value, hints[key])
         except TypeError:
@@ -394,6 +423,23 @@ def build_section(cls: type, raw: Any, section: str, where: _Where) -> Any:
             raise where.error(f"{section}.{key}", value, f"expected {_range_text(meta)}")
         values[key] = value
     return cls(**values)
+
+
+def _record_type(tp: Any) -> type | None:
+    """The item type of a field typed as a list of config records (e.g. ``pretrain.sources``)."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
+def _records(cls: type, raw: Any, key: str, where: _Where) -> list[Any]:
+    """A list of records, each a mapping checked like a section (errors name ``key[i].field``)."""
+    if not isinstance(raw, (list, tuple)):
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise where.error(key, raw, f"expected a list of mappings with keys {names}")
+    return [build_section(cls, item, f"{key}[{i}]", where) for i, item in enumerate(raw)]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -612,6 +658,14 @@ def check_consistency(config: PipelineConfig, where: _Where) -> None:
     if config.evaluate.checkpoint == "best" and config.finetune.val_fraction == 0:
         raise where.error("evaluate.checkpoint", "best",
                           "needs a validation split to choose on (finetune.val_fraction > 0)")
+    for i, source in enumerate(config.pretrain.sources):
+        if not source.path:
+            raise where.error(f"pretrain.sources[{i}].path", source.path,
+                              "expected an archive folder or URL")
+    weighted = [s.weight > 0 for s in config.pretrain.sources]
+    if any(weighted) and not all(weighted):
+        raise where.error("pretrain.sources", [s.weight for s in config.pretrain.sources],
+                          "expected a weight > 0 for every source, or none (shares by size)")
     if config.pretrain.micro_batch > config.pretrain.batch_size:
         raise where.error("pretrain.micro_batch", config.pretrain.micro_batch,
                           f"expected <= pretrain.batch_size ({config.pretrain.batch_size})")

@@ -1,31 +1,29 @@
-"""Streaming clip pairs out of token archives for pre-training (paper Sec. 3.2).
+"""Clip pairs for pre-training (paper Sec. 3.2), in one global order over weighted sources.
 
-A chain of small stages, each a plain function or generator:
+The samples of a run are one sequence, numbered across epochs: sample ``g`` (a video and its two
+clips) is a pure function of the seed, the sources and ``g`` (:mod:`vimpac.pretrain.mixing`).
+Micro-batch ``u`` is samples ``u*B .. u*B + B - 1``; with W processes and K DataLoader workers,
+process ``r``'s ``j``-th micro-batch after the start position is ``u0 + j*W + r`` and DataLoader
+worker ``j mod K`` makes it (DataLoader takes batches from its workers in turn). The data
+position is therefore one number, the samples consumed by all processes, and a run checkpointed
+with W1 x K1 readers resumes with W2 x K2 on exactly the same sequence: nothing repeated or
+skipped. Batches carry ``position`` and ``video`` (uid) next to ``tokens`` for checks like these.
 
-    list shards -> shuffle (seed, epoch) -> split by consumer (rank x worker) -> read shard
-    -> per video two clips of T frames (independent, uniform; optional max distance)
-    -> token-space crop -> [PAD] for short videos -> shuffle buffer -> batch
+Two ways to read it, by ``StreamSpec.shuffle``:
 
-Every random choice comes from a generator seeded by (seed, epoch, consumer), never from global
-state, so the stream is a pure function of its position. Each consumer runs epochs forever with
-``drop_last`` per epoch; a batch's global index k maps to DataLoader worker k % W, so resuming at
-global position K is exact (:class:`ClipStream` ``start_batch``). Memory holds one shard and the
-shuffle buffer, never the archive (plus ``prefetch`` shards in flight from an object store).
+* ``global``: the order is a seeded permutation over every video of every source, read by random
+  access (:mod:`vimpac.pretrain.global_reader`); the default when every archive is local.
+* ``shard``: shards streamed whole through a shuffle buffer, for object stores where random
+  access is slow (:mod:`vimpac.pretrain.shard_streams`); the default when an archive is remote.
 
-For speed the per-video stages run vectorised over a whole shard (:func:`sample_clip_pairs`,
-:class:`ShuffleBuffer`): one read per shard into a flat array, all random draws of the shard in
-bulk, clips gathered with one fancy index, and items kept as uint16 until a batch is cut (then
-int64).
+Every random choice comes from the seed and positions, never from global state.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
+import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,182 +31,110 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vimpac.archive import Archive, ArchiveError, Format, ShardError, open_archives
+from vimpac.archive import Archive, ArchiveError, Format, open_archives
+from vimpac.pretrain.clips import (
+    SHUFFLE_MODES,
+    Catalog,
+    ClipDraws,
+    ShardRef,
+    ShuffleBuffer,
+    StreamSpec,
+    gather_pairs,
+    item_dtype,
+    sample_clip_pairs,
+    take_clip,
+)
+from vimpac.pretrain.global_reader import GlobalReader
+from vimpac.pretrain.mixing import (
+    Interleave,
+    Pool,
+    Source,
+    SourceError,
+    check_sources,
+    shuffle_quality,
+    source_names,
+)
+from vimpac.pretrain.shard_streams import ShardStreams, StreamCursor, stream_of
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard of one archive, as a unit of streaming."""
-    archive: int
-    name: str
-    videos: int
+__all__ = ["SHUFFLE_MODES", "Catalog", "ClipDraws", "ClipStream", "ShardRef", "ShuffleBuffer",
+           "Source", "StreamSpec", "gather_pairs", "item_dtype", "sample_clip_pairs",
+           "shuffle_quality", "take_clip"]
 
 
-@dataclass
-class StreamSpec:
-    frames: int                 # T token frames per clip
-    grid: int                   # model's token grid side; larger archive grids are cropped
-    batch_size: int             # videos per batch (each gives two clips)
-    pad_id: int
-    seed: int = 0
-    fmt: str | None = None      # archive format to stream (None: the archive's first)
-    view: str | None = None     # archive view to read (default: the first, unflipped centre)
-    max_distance: int = 0       # max start distance of the two clips in token frames; 0 = any
-    shuffle_buffer: int = 256
-    on_corrupt: str = "stop"    # stop | skip
-    prefetch: int = 2           # shards fetched ahead from remote archives (0: none)
+def resolve_mode(shuffle: str, archives: Sequence[Archive]) -> str:
+    """``auto`` is ``global`` when every archive is on a local disk, ``shard`` otherwise."""
+    if shuffle not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle {shuffle!r}: expected one of {', '.join(SHUFFLE_MODES)}")
+    if shuffle != "auto":
+        return shuffle
+    return "global" if all(a.root.is_local for a in archives) else "shard"
 
 
-def list_shards(archives: list[Archive]) -> list[ShardRef]:
-    return [ShardRef(i, name, arch.shards[name].videos)
-            for i, arch in enumerate(archives) for name in arch.shard_names()]
+def make_pools(sources: Sequence[Source], catalog: Catalog, names: Sequence[str]) -> list[Pool]:
+    """One pool of every video when no source has a weight; else one pool per source."""
+    if all(s.weight == 0 for s in sources):
+        return [Pool("+".join(names), 0, catalog.videos, 1.0, False)]
+    pools = []
+    for i, (s, name) in enumerate(zip(sources, names, strict=True)):
+        first, stop = catalog.archive_first[i], catalog.archive_first[i + 1]
+        if stop == first:
+            raise SourceError(f"{s.path}: archive has no videos")
+        pools.append(Pool(name, first, stop - first, s.weight, s.replacement))
+    return pools
 
-
-def rng_for(seed: int, *keys: int) -> np.random.Generator:
-    """A generator determined by the seed and the keys (epoch, consumer, ...)."""
-    return np.random.default_rng([seed, *keys])
-
-
-def epoch_assignment(shards: list[ShardRef], seed: int, epoch: int, consumer: int,
-                     consumers: int) -> list[tuple[ShardRef, int, int]]:
-    """The (shard, video modulus, video remainder) work of one consumer in one epoch.
-
-    With at least as many shards as consumers each consumer takes whole shards; otherwise each
-    reads every shard and keeps the videos whose shard-local index falls to it.
-    """
-    order = [shards[i] for i in rng_for(seed, epoch).permutation(len(shards))]
-    if len(order) >= consumers:
-        return [(s, 1, 0) for s in order[consumer::consumers]]
-    return [(s, consumers, consumer) for s in order]
-
-
-def videos_in_epoch(shards: list[ShardRef], seed: int, epoch: int, consumer: int,
-                    consumers: int) -> int:
-    work = epoch_assignment(shards, seed, epoch, consumer, consumers)
-    return sum(len(range(rem, s.videos, mod)) for s, mod, rem in work)
-
-
-# --------------------------------------------------------------------------------- reading shards
-
-def take_clip(video: np.ndarray, start: int, frames: int, pad_id: int) -> np.ndarray:
-    """Frames ``start:start+frames``, right-padded with [PAD] when the video is short."""
-    clip = video[start:start + frames].astype(np.int64)
-    if len(clip) < frames:
-        pad = np.full((frames - len(clip), *clip.shape[1:]), pad_id, dtype=np.int64)
-        clip = np.concatenate([clip, pad], axis=0)
-    return clip
-
-
-def sample_clip_pairs(flat: np.ndarray, offsets: np.ndarray, videos: np.ndarray,
-                      rng: np.random.Generator, spec: StreamSpec) -> np.ndarray:
-    """Two clips of each video in ``videos`` (shard-local indices), vectorised over the shard.
-
-    Paper rules: two starts drawn independently and uniformly (optionally within
-    ``spec.max_distance`` of each other), one token-space crop per video shared by both clips,
-    [PAD] past the end of short videos; all random draws are made per shard in bulk.
-    flat uint16 [F, H, W], offsets [V + 1] -> [n, 2, T, grid, grid] in :func:`item_dtype`.
-    """
-    n, t, g = len(videos), spec.frames, spec.grid
-    first = offsets[videos]
-    length = offsets[videos + 1] - first                             # [n]
-    last = np.maximum(length - t, 0)
-    s1 = rng.integers(0, last + 1)
-    if spec.max_distance <= 0:
-        s2 = rng.integers(0, last + 1)
-    else:
-        s2 = rng.integers(np.maximum(s1 - spec.max_distance, 0),
-                          np.minimum(s1 + spec.max_distance, last) + 1)
-    height, width = flat.shape[1:3]
-    y = rng.integers(0, height - g + 1, n)
-    x = rng.integers(0, width - g + 1, n)
-    rel = np.stack([s1, s2], axis=1)[:, :, None] + np.arange(t)     # [n, 2, T]
-    frame = first[:, None, None] + np.minimum(rel, length[:, None, None] - 1)
-    if g == height and g == width:
-        clips = flat[frame]                                           # [n, 2, T, H, W]
-    else:
-        rows = (y[:, None] + np.arange(g))[:, None, None, :, None]   # [n, 1, 1, g, 1]
-        cols = (x[:, None] + np.arange(g))[:, None, None, None, :]   # [n, 1, 1, 1, g]
-        clips = flat[frame[..., None, None], rows, cols]              # [n, 2, T, g, g]
-    out = clips.astype(item_dtype(spec.pad_id))
-    out[rel >= length[:, None, None]] = spec.pad_id
-    return out
-
-
-def item_dtype(pad_id: int) -> type:
-    """Smallest dtype that holds token ids and [PAD] (the stream widens to int64 per batch)."""
-    return np.uint16 if pad_id <= np.iinfo(np.uint16).max else np.int32
-
-
-class ShuffleBuffer:
-    """A shuffle buffer over arrays of items, drawing its random indices in bulk.
-
-    The first ``size`` items fill the buffer; then every new item swaps with a uniformly chosen
-    slot, whose old item is emitted; :meth:`drain` emits the rest permuted.
-    """
-
-    def __init__(self, size: int, rng: np.random.Generator) -> None:
-        self.size, self.rng = size, rng
-        self.items: np.ndarray | None = None          # [<= size, ...]
-
-    def push(self, block: np.ndarray) -> np.ndarray:
-        """Add items [n, ...]; returns the emitted items [m, ...] in order (m may be 0)."""
-        held = 0 if self.items is None else len(self.items)
-        fill = min(self.size - held, len(block))
-        if fill:
-            self.items = block[:fill] if self.items is None else \
-                np.concatenate([self.items, block[:fill]])
-            block = block[fill:]
-        if not len(block):
-            return block
-        slots = self.rng.integers(0, self.size, len(block)).tolist()
-        owner = list(range(self.size))               # pool index held by each slot
-        emitted = []
-        for j, slot in enumerate(slots):
-            emitted.append(owner[slot])
-            owner[slot] = self.size + j
-        pool = np.concatenate([self.items, block])
-        self.items = pool[owner]
-        return pool[emitted]
-
-    def drain(self) -> np.ndarray | None:
-        """The remaining items in random order (None when empty); the buffer is emptied."""
-        if self.items is None:
-            return None
-        items, self.items = self.items[self.rng.permutation(len(self.items))], None
-        return items
-
-
-# ---------------------------------------------------------------------------------------- stream
 
 class ClipStream(IterableDataset):
-    """Infinite stream of batches ``{"tokens": int64 [B, 2, T, G, G]}`` for one process.
+    """Infinite stream of batches ``{"tokens": int64 [B, 2, T, G, G], "position": int64 [B],
+    "video": int64 [B]}`` for process ``rank`` of ``world``, from global sample ``start`` on.
 
-    ``rank``/``world`` split the data across processes, DataLoader workers split it further.
-    ``start_batch`` is the number of batches this process has already consumed (resume).
+    ``archives`` are paths (shares by size) or :class:`Source` entries (weights). ``streams``,
+    ``block`` and ``mode`` come from a checkpoint when resuming (see :meth:`state`); by default
+    the shard-buffer order has one stream per reader and blocks of one micro-batch.
     """
 
-    def __init__(self, archives: list[str | Path], spec: StreamSpec, rank: int = 0,
-                 world: int = 1, start_batch: int = 0) -> None:
-        self.paths = [str(p) for p in archives]
-        self.spec, self.rank, self.world, self.start_batch = spec, rank, world, start_batch
+    def __init__(self, archives: Sequence[str | Path | Source], spec: StreamSpec, rank: int = 0,
+                 world: int = 1, start: int = 0, streams: int | None = None,
+                 block: int | None = None, mode: str | None = None) -> None:
+        self.sources = [a if isinstance(a, Source) else Source(str(a)) for a in archives]
+        check_sources(self.sources)
+        self.paths = [s.path for s in self.sources]
+        self.spec, self.rank, self.world = spec, rank, world
+        if start % spec.batch_size:
+            raise ValueError(f"start {start} is not a whole number of batches of "
+                             f"{spec.batch_size}")
+        self.start = start
         self._archives: list[Archive] | None = open_archives(self.paths)  # fail early, here
-        view = spec.view or self.archives[0].settings.view_names[0]
-        self.formats: list[Format] = []
-        for arch in self.archives:
-            if view not in arch.settings.view_names:
-                raise ArchiveError(f"{arch.root}: no view {view!r} (has "
-                                   f"{', '.join(arch.settings.view_names)})")
-            self.formats.append(arch.format(spec.fmt))
-            h, w = arch.settings.grid
-            if spec.grid > min(h, w):
-                raise ArchiveError(f"{arch.root}: token grid {h}x{w} is smaller than the "
-                                   f"model's {spec.grid}x{spec.grid}")
-        self.view = view
-        self.shards = list_shards(self.archives)
-        if not self.shards:
+        self.view = spec.view or self.archives[0].settings.view_names[0]
+        self.formats = self._formats()
+        self.catalog = Catalog(self.archives, self.formats)
+        if not self.catalog.shards:
             raise ArchiveError(f"{self.paths[0]}: archive has no shards")
+        self.names = source_names(self.sources)
+        self.pools = make_pools(self.sources, self.catalog, self.names)
+        self.mode = mode or resolve_mode(spec.shuffle, self.archives)
+        if self.mode == "global" and not all(a.root.is_local for a in self.archives):
+            log.warning("global shuffle over an object store fetches a whole shard per reader "
+                        "cache miss: set VIMPAC_SHARD_CACHE, or use pretrain.shuffle: shard")
+        self.streams, self.block = streams, block or spec.batch_size
+        self.interleave = Interleave([p.weight for p in self.pools], seed=spec.seed,
+                                     shuffled=self.mode == "global")
+        self._global: GlobalReader | None = None
+        self._shards: ShardStreams | None = None
+
+    def _formats(self) -> list[Format]:
+        formats = []
+        for arch in self.archives:
+            if self.view not in arch.settings.view_names:
+                raise ArchiveError(f"{arch.root}: no view {self.view!r} (has "
+                                   f"{', '.join(arch.settings.view_names)})")
+            formats.append(arch.format(self.spec.fmt, random_access=True))
+            h, w = arch.settings.grid
+            if self.spec.grid > min(h, w):
+                raise ArchiveError(f"{arch.root}: token grid {h}x{w} is smaller than the "
+                                   f"model's {self.spec.grid}x{self.spec.grid}")
+        return formats
 
     @property
     def archives(self) -> list[Archive]:
@@ -218,120 +144,183 @@ class ClipStream(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_archives"] = None          # reopened in each worker
+        state.update(_archives=None, _global=None, _shards=None)   # reopened in each worker
         return state
 
-    def consumer(self) -> tuple[int, int, int, int]:
-        """(consumer id, consumers, worker, workers) of the calling DataLoader worker.
+    # -- readers
+    @property
+    def global_reader(self) -> GlobalReader:
+        if self._global is None:
+            self._global = GlobalReader(self.spec, self.catalog, self.pools, self.interleave,
+                                        lambda: self.archives, self.formats, self.view,
+                                        [p.name for p in self.pools])
+        return self._global
 
-        A DataLoader always starts with its worker 0, so after resuming at global batch K,
-        DataLoader worker w plays the part of worker (w + K) mod W of the original run.
-        """
-        info = get_worker_info()
-        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        worker = (loader_worker + self.start_batch) % workers
-        return self.rank * workers + worker, self.world * workers, worker, workers
+    @property
+    def shard_streams(self) -> ShardStreams:
+        if self._shards is None:
+            self._shards = ShardStreams(self.spec, self.catalog, self.pools,
+                                        lambda: self.archives, self.formats, self.view,
+                                        [p.name for p in self.pools])
+        return self._shards
 
+    # -- iteration
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        consumer, consumers, worker, workers = self.consumer()
-        skip = len(range(worker, self.start_batch, workers))   # this worker's share of the past
-        batches = self.consumer_batches(consumer, consumers)
-        for i, batch in enumerate(batches):
-            if i >= skip:
-                yield {"tokens": torch.from_numpy(batch)}
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.batches(worker, workers)
 
-    def batches_per_epoch(self, consumer: int, consumers: int, epoch: int) -> int:
-        return videos_in_epoch(self.shards, self.spec.seed, epoch, consumer,
-                               consumers) // self.spec.batch_size
+    def micro_batches(self, worker: int = 0, workers: int = 1) -> Iterator[int]:
+        """The global micro-batches this process's DataLoader worker makes, in order."""
+        first = self.start // self.spec.batch_size
+        return (first + (worker + i * workers) * self.world + self.rank
+                for i in itertools.count())
 
-    def check_enough_videos(self, workers: int) -> None:
-        """Fail early (not inside a DataLoader worker) when a consumer cannot fill one batch."""
-        consumers = self.world * max(1, workers)
-        fewest = min(videos_in_epoch(self.shards, self.spec.seed, 0, c, consumers)
-                     for c in range(consumers))
-        if fewest < self.spec.batch_size:
-            total = sum(s.videos for s in self.shards)
-            raise ArchiveError(
-                f"{self.paths[0]}: {total} videos cannot fill batches of {self.spec.batch_size} "
-                f"videos for each of {consumers} readers (processes x DataLoader workers); "
-                "use more videos, a smaller pretrain.micro_batch or fewer workers")
+    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's batches made by DataLoader worker ``worker`` of ``workers``."""
+        micro = self.micro_batches(worker, workers)
+        if self.mode == "global":
+            yield from self._global_batches(micro)
+        else:
+            yield from self._shard_batches(micro, self.streams or self.world * workers)
 
-    def consumer_batches(self, consumer: int, consumers: int) -> Iterator[np.ndarray]:
-        """This consumer's batches, epoch after epoch, forever."""
-        epoch = 0
+    def _positions(self, micro: Sequence[int]) -> np.ndarray:
+        size = self.spec.batch_size
+        return (np.asarray(micro, np.int64)[:, None] * size + np.arange(size)).ravel()
+
+    def _global_batches(self, micro: Iterator[int]) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.spec.batch_size
+        group = max(1, self.spec.window // size)
         while True:
-            if self.batches_per_epoch(consumer, consumers, epoch) == 0:
-                raise ArchiveError(f"{self.paths[0]}: too few videos for a batch of "
-                                   f"{self.spec.batch_size} per consumer ({consumers} consumers)")
-            produced = 0
-            for batch in self.epoch_batches(epoch, consumer, consumers):
-                produced += 1
-                yield batch
-            if not produced:              # with on_corrupt=skip, every shard was skipped
-                raise ArchiveError(f"{self.paths[0]}: every shard of this reader's epoch {epoch} "
-                                   "was skipped as corrupt (see the warnings): nothing to train on")
-            epoch += 1
+            positions = self._positions(list(itertools.islice(micro, group)))
+            pairs, uids = self.global_reader.read(positions)
+            for j in range(0, len(positions), size):
+                yield self._batch(pairs[j:j + size], positions[j:j + size], uids[j:j + size])
 
-    def epoch_batches(self, epoch: int, consumer: int, consumers: int) -> Iterator[np.ndarray]:
-        """One epoch of batches int64 [B, 2, T, G, G] (drop_last)."""
-        rng = rng_for(self.spec.seed, epoch, consumer)
-        buffer = ShuffleBuffer(self.spec.shuffle_buffer, rng)
-        pending: list[np.ndarray] = []               # emitted items not yet in a batch
-        held, size = 0, self.spec.batch_size
-        for block in self._pair_blocks(epoch, consumer, consumers, rng):
-            out = buffer.push(block)
-            if len(out):
-                pending.append(out)
-                held += len(out)
-            while held >= size:
-                items = pending[0] if len(pending) == 1 else np.concatenate(pending)
-                for start in range(0, len(items) - size + 1, size):
-                    yield items[start:start + size].astype(np.int64)
-                rest = len(items) % size
-                pending, held = ([items[len(items) - rest:]] if rest else []), rest
-        rest = buffer.drain()
-        if rest is not None:
-            items = np.concatenate(pending + [rest]) if pending else rest
-            for start in range(0, len(items) - size + 1, size):
-                yield items[start:start + size].astype(np.int64)
+    def _shard_batches(self, micro: Iterator[int], streams: int
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+        self.shard_streams.check_streams(streams)
+        cursors: dict[int, StreamCursor] = {}
+        for u in micro:
+            positions = self._positions([u])
+            stream, local = stream_of(positions, streams, self.block)
+            pairs: np.ndarray | None = None
+            uids = np.empty(len(positions), np.int64)
+            for s in np.unique(stream).tolist():
+                sel = stream == s
+                if s not in cursors:
+                    cursors[s] = StreamCursor(self.shard_streams, self.interleave, s, streams,
+                                              int(local[sel][0]))
+                got, ids = cursors[s].take(local[sel])
+                if pairs is None:
+                    pairs = np.empty((len(positions), *got.shape[1:]), got.dtype)
+                pairs[sel], uids[sel] = got, ids
+            assert pairs is not None
+            yield self._batch(pairs, positions, uids)
 
-    def _prefetched(self, shards: Iterable[ShardRef]
-                    ) -> Iterator[Callable[[], tuple[np.ndarray, np.ndarray]]]:
-        """Per shard, a call returning its (flat tokens, offsets). Shards of remote archives are
-        fetched ``spec.prefetch`` ahead in a background thread (bounded memory: that many shards
-        in flight); local ones are read when called."""
-        def read(ref: ShardRef) -> tuple[np.ndarray, np.ndarray]:
-            return self.archives[ref.archive].read_shard(ref.name, self.view,
-                                                         self.formats[ref.archive])
+    @staticmethod
+    def _batch(pairs: np.ndarray, positions: np.ndarray, uids: np.ndarray
+               ) -> dict[str, torch.Tensor]:
+        return {"tokens": torch.from_numpy(pairs.astype(np.int64)),
+                "position": torch.from_numpy(np.ascontiguousarray(positions)),
+                "video": torch.from_numpy(np.ascontiguousarray(uids))}
 
-        shards = list(shards)
-        remote = any(not self.archives[ref.archive].root.is_local for ref in shards)
-        if not remote or self.spec.prefetch <= 0:
-            for ref in shards:
-                yield functools.partial(read, ref)
+    def epoch_batches(self, epoch: int, consumer: int = 0, consumers: int = 1
+                      ) -> Iterator[np.ndarray]:
+        """One pass over the videos (one pool, no weights): the epoch's batches int64
+        [B, 2, T, G, G] dealt to ``consumers`` readers in turn, this reader's share, the last
+        partial batch dropped. For tools and tests; training uses :meth:`batches`."""
+        if len(self.pools) != 1:
+            raise ValueError("epoch_batches reads the epoch of one pool (sources without weights)")
+        size = self.spec.batch_size
+        if self.mode == "shard":
+            items = self.shard_streams.epoch_items(0, epoch, consumer, consumers)
+            held = np.zeros((0, 2, self.spec.frames, self.spec.grid, self.spec.grid),
+                            item_dtype(self.spec.pad_id))
+            for pairs, _ in items:
+                held = np.concatenate([held, pairs])
+                while len(held) >= size:
+                    yield held[:size].astype(np.int64)
+                    held = held[size:]
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="vimpac-prefetch") as pool:
-            pending: collections.deque = collections.deque()
-            for ref in shards:
-                pending.append(pool.submit(read, ref))
-                if len(pending) > self.spec.prefetch:
-                    yield pending.popleft().result
-            while pending:
-                yield pending.popleft().result
+        base, count = epoch * self.pools[0].size, self.pools[0].size // size
+        mine = list(range(consumer, count, consumers))
+        group = max(1, self.spec.window // size)
+        for i in range(0, len(mine), group):
+            positions = base + self._positions(mine[i:i + group])
+            pairs, _ = self.global_reader.read(positions)
+            for j in range(0, len(positions), size):
+                yield pairs[j:j + size].astype(np.int64)
 
-    def _pair_blocks(self, epoch: int, consumer: int, consumers: int,
-                     rng: np.random.Generator) -> Iterator[np.ndarray]:
-        """Per shard of this consumer's epoch: its videos' clip pairs [n, 2, T, G, G]."""
-        work = epoch_assignment(self.shards, self.spec.seed, epoch, consumer, consumers)
-        reads = self._prefetched(ref for ref, _, _ in work)
-        for (_, mod, rem), read in zip(work, reads, strict=True):
-            try:
-                flat, offsets = read()
-            except ShardError as exc:
-                if self.spec.on_corrupt == "stop":
-                    raise
-                log.warning("skipping corrupt shard: %s", exc)
-                continue
-            videos = np.arange(rem, len(offsets) - 1, mod)
-            if len(videos):
-                yield sample_clip_pairs(flat, offsets, videos, rng, self.spec)
+    # -- checks, position and progress
+    def check_enough_videos(self, workers: int) -> None:
+        """Fail early (not inside a DataLoader worker): one micro-batch of every process must
+        hold distinct videos, and in shard-buffer mode every reader must get videos."""
+        need = self.world * self.spec.batch_size
+        if len(self.pools) == 1 and self.pools[0].size < need:
+            raise ArchiveError(
+                f"{self.paths[0]}: {self.pools[0].size} videos cannot fill batches of "
+                f"{self.spec.batch_size} videos for each of {self.world} processes with distinct "
+                "videos; use more videos or a smaller pretrain.micro_batch")
+        if self.mode == "shard":
+            self.shard_streams.check_streams(self.streams or self.world * max(1, workers))
+
+    def draws_before(self, position: int, workers: int = 1) -> np.ndarray:
+        """int64 [pools]: samples each pool gave to global positions [0, position)."""
+        if self.mode == "global":
+            return self.interleave.counts(position)
+        streams = self.streams or self.world * max(1, workers)
+        blocks, rest = divmod(position, self.block)
+        out = np.zeros(len(self.pools), np.int64)
+        for s in range(streams):
+            local = len(range(s, blocks, streams)) * self.block
+            local += rest if blocks % streams == s else 0
+            out += self.interleave.counts(local)
+        return out
+
+    def source_epochs(self, position: int) -> dict[str, float]:
+        """Epochs of each source (pool draws / pool videos) after ``position`` samples."""
+        draws = self.draws_before(position)
+        if len(self.pools) == 1:
+            return {name: float(draws[0]) / self.pools[0].size for name in self.names}
+        return {p.name: float(d) / p.size for p, d in zip(self.pools, draws, strict=True)}
+
+    def log_epochs(self, before: int, after: int) -> None:
+        """Log each source that began an epoch between two positions."""
+        was, now = self.source_epochs(before), self.source_epochs(after)
+        for name, epochs in now.items():
+            if int(epochs) > int(was[name]):
+                log.info("source %s: epoch %d begins (sample %d)", name, int(epochs) + 1,
+                         after)
+
+    def state(self, position: int) -> dict[str, Any]:
+        """The data position for a checkpoint: global samples consumed, and what the order
+        depends on beyond the config (mode, shard-buffer streams and block, the sources)."""
+        return {"samples": int(position), "mode": self.mode, "streams": self.streams,
+                "block": self.block, "source_epochs": self.source_epochs(position),
+                "sources": self.fingerprint()}
+
+    def fingerprint(self) -> list[dict[str, Any]]:
+        return [{"name": name, "weight": s.weight, "replacement": s.replacement,
+                 "videos": self.catalog.archive_first[i + 1] - self.catalog.archive_first[i]}
+                for i, (s, name) in enumerate(zip(self.sources, self.names, strict=True))]
+
+    def check_resume(self, state: dict[str, Any], where: str) -> None:
+        """Refuse to continue a checkpoint's order over other sources."""
+        saved = state.get("sources")
+        if saved is None:
+            return
+        now = self.fingerprint()
+        if len(saved) != len(now):
+            raise SourceError(f"{where}: the run read {len(saved)} archives, now {len(now)}: "
+                              "resume with the same sources, or use a new output folder")
+        for i, (a, b) in enumerate(zip(saved, now, strict=True)):
+            diff = [k for k in ("weight", "replacement", "videos") if a.get(k) != b[k]]
+            if diff:
+                raise SourceError(f"{where}: source {i} ({b['name']}) has {diff[0]} "
+                                  f"{b[diff[0]]!r}, the run was started with {a.get(diff[0])!r}: "
+                                  "resume with the same sources, or use a new output folder")
+
+    def shard_of(self, uids: np.ndarray) -> np.ndarray:
+        """Shard id of each video uid (for shuffle-quality figures)."""
+        return self.catalog.shard_of(np.asarray(uids))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -49,7 +50,7 @@ from vimpac.common.training import (
     param_groups,
     warmup_linear,
 )
-from vimpac.pretrain.data import ClipStream, StreamSpec
+from vimpac.pretrain.data import ClipStream, Source, StreamSpec
 from vimpac.pretrain.export import FORMAT as PRETRAINED_FORMAT
 from vimpac.pretrain.export import full_state, load_pretrained, save_pretrained
 from vimpac.pretrain.losses import (
@@ -298,13 +299,31 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig) -> tuple[Any, Any]:
     return optimizer, scheduler
 
 
-def build_loader(archives: list[str], cfg: PretrainConfig, plan: Plan, dist: DistInfo,
-                 pad_id: int, fps: float, start_batch: int) -> DataLoader:
+def sources_of(archives: list[str], cfg: PretrainConfig) -> list[Source]:
+    """The run's archives: the command line's (shares by size) or ``pretrain.sources``."""
+    if archives and cfg.sources:
+        raise PretrainError(f"archives given twice: on the command line ({', '.join(archives)}) "
+                            "and in pretrain.sources; give one of them")
+    if archives:
+        return [Source(a) for a in archives]
+    if not cfg.sources:
+        raise PretrainError("no archives: give them on the command line or in pretrain.sources")
+    return [Source(s.path, s.weight, s.replacement) for s in cfg.sources]
+
+
+def build_loader(sources: list[Source], cfg: PretrainConfig, plan: Plan, dist: DistInfo,
+                 pad_id: int, fps: float, data: dict[str, Any]) -> DataLoader:
+    """The DataLoader of this process, at the global data position ``data["samples"]`` (a
+    checkpoint's data state, which also fixes the shard-buffer streams of the run)."""
     spec = StreamSpec(frames=cfg.frames, grid=cfg.grid, batch_size=plan.micro_batch,
                       pad_id=pad_id, seed=cfg.seed, fmt=cfg.format,
                       max_distance=round(cfg.max_clip_distance * fps),
-                      shuffle_buffer=cfg.shuffle_buffer, on_corrupt=cfg.on_corrupt_shard)
-    stream = ClipStream(archives, spec, rank=dist.rank, world=dist.world, start_batch=start_batch)
+                      shuffle_buffer=cfg.shuffle_buffer, on_corrupt=cfg.on_corrupt_shard,
+                      shuffle=cfg.shuffle, window=cfg.read_window, open_shards=cfg.open_shards)
+    stream = ClipStream(sources, spec, rank=dist.rank, world=dist.world, start=data["samples"],
+                        streams=data.get("streams") or dist.world * max(1, cfg.num_workers),
+                        block=data.get("block"), mode=data.get("mode"))
+    stream.check_resume(data, data.get("checkpoint", "checkpoint"))
     stream.check_enough_videos(cfg.num_workers)
     generator = torch.Generator().manual_seed(cfg.seed)   # keeps the global RNG untouched
     return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator,
@@ -323,10 +342,16 @@ def mask_batch(tokens: torch.Tensor, cfg: PretrainConfig, plan: Plan, model_cfg:
     return apply_mask(tokens, mask, pad_id=model_cfg.pad_id, mask_id=model_cfg.mask_id)
 
 
-def mask_generator(cfg: PretrainConfig, dist: DistInfo, step: int, micro: int) -> torch.Generator:
-    """Masking randomness keyed by (seed, rank, step, micro-step): reproducible on resume."""
+def micro_seed(seed: int, micro_batch: int, purpose: int) -> int:
+    """A seed for one global micro-batch (see :mod:`vimpac.pretrain.data`), whichever process
+    computes it: masks and dropout repeat exactly on resume, also with another world size."""
+    return int(np.random.SeedSequence([seed, micro_batch, purpose]).generate_state(1)[0])
+
+
+def mask_generator(cfg: PretrainConfig, dist: DistInfo, micro_batch: int) -> torch.Generator:
+    """Masking randomness keyed by (seed, global micro-batch)."""
     gen = torch.Generator(device=dist.device)
-    gen.manual_seed(hash((cfg.seed, dist.rank, step, micro)) & 0x7FFF_FFFF_FFFF_FFFF)
+    gen.manual_seed(micro_seed(cfg.seed, micro_batch, 0))
     return gen
 
 
@@ -357,9 +382,11 @@ def train_update(model: nn.Module, batches: Any, optimizer: Any, scheduler: Any,
         batch = next(batches)["tokens"]
         sync = micro == plan.accumulation - 1 or not isinstance(
             model, nn.parallel.DistributedDataParallel)
+        u = (step * plan.accumulation + micro) * dist.world + dist.rank   # global micro-batch
+        torch.manual_seed(micro_seed(cfg.seed, u, 1))                   # dropout
         with model.no_sync() if not sync else contextlib.nullcontext():
             losses = micro_step(model, batch, cfg, plan, model_cfg, dist,
-                                mask_generator(cfg, dist, step, micro))
+                                mask_generator(cfg, dist, u))
             (losses["loss"] / plan.accumulation).backward()
         for key, value in losses.items():
             share = 1.0 if key in COUNTS else 1.0 / plan.accumulation  # counts add up
@@ -387,18 +414,53 @@ class Position:
     stage_start: int = 0
 
 
-def checkpoint_state(model: nn.Module, optimizer: Any, scheduler: Any, step: int,
-                     plan: Plan, cfg: PretrainConfig, stage_start: int = 0) -> dict[str, Any]:
+def checkpoint_state(model: nn.Module, optimizer: Any, scheduler: Any,
+                     position: Position, data: dict[str, Any],
+                     cfg: PretrainConfig) -> dict[str, Any]:
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
-            "stage_start": stage_start,
-            "data": {"batches_consumed": (step - stage_start) * plan.accumulation},
+            "scheduler": scheduler.state_dict(), "step": position.step, "rng": rng_state(),
+            "stage_start": position.stage_start, "data": data,
             "config": dataclasses.asdict(cfg)}
 
 
+def data_position(served: int, saved: dict[str, Any] | None, path: Path | None,
+                  cfg: PretrainConfig) -> dict[str, Any]:
+    """The global data position to continue from after ``served`` updates of this stage's
+    stream, with the order's settings a checkpoint fixed (shard-buffer streams and block);
+    checked against the step."""
+    position = served * cfg.batch_size
+    if not saved or "samples" not in saved:
+        if saved:
+            log.warning("%s: checkpoint of an older data order; continuing at sample %d of the "
+                        "global order", path, position)
+        return {"samples": position}
+    for key, valid in DATA_STATE.items():
+        value = saved.get(key)
+        if not valid(value):
+            raise PretrainError(f"{path}: data.{key} = {value!r} is not a valid data position")
+    if saved["samples"] != position:
+        raise PretrainError(f"{path}: data position {saved['samples']} does not match "
+                            f"{served} updates of this stage x batch_size {cfg.batch_size}")
+    return {**saved, "checkpoint": str(path)}
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= 1 << 50
+
+
+DATA_STATE = {  # what a checkpoint's data position may hold (checkpoints are read from disk)
+    "samples": lambda v: _whole(v, 0),
+    "mode": lambda v: v in ("global", "shard"),
+    "streams": lambda v: v is None or _whole(v, 1),
+    "block": lambda v: v is None or _whole(v, 1),
+    "sources": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+}
+
+
 def resume(ckpts: CheckpointManager, model: nn.Module, optimizer: Any, scheduler: Any,
-           cfg: PretrainConfig) -> Position | None:
-    """Restore the run's own newest checkpoint, if any; return where it stands."""
+           cfg: PretrainConfig) -> tuple[Position, dict[str, Any]] | None:
+    """Restore the run's own newest checkpoint, if any; return where it stands and its data
+    position (see :func:`data_position`)."""
     path = ckpts.latest()
     if path is None:
         return None
@@ -415,11 +477,13 @@ def resume(ckpts: CheckpointManager, model: nn.Module, optimizer: Any, scheduler
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     log.info("resumed from %s at step %d", path, state["step"])
-    return Position(int(state["step"]), int(state.get("stage_start", 0)))
+    position = Position(int(state["step"]), int(state.get("stage_start", 0)))
+    served = position.step - position.stage_start
+    return position, data_position(served, state.get("data"), path, cfg)
 
 
 RESUME_MAY_CHANGE = {"checkpoint_every", "keep_checkpoints", "log_every", "num_workers",
-                     "on_corrupt_shard", "compile"}
+                     "on_corrupt_shard", "compile", "micro_batch", "read_window", "open_shards"}
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -440,16 +504,18 @@ def run_pretrain(archives: list[str | Path], cfg: PretrainConfig, out_dir: str |
     ``stop_after`` ends the run early after that many updates (for tests and time-boxed jobs);
     rerunning continues where it stopped.
     """
+    sources = sources_of(list(map(str, archives)), cfg)
     dist = init_distributed()
     out = Path(out_dir)
     try:
-        return _run(list(map(str, archives)), cfg, out, dist, progress, stop_after)
+        return _run(sources, cfg, out, dist, progress, stop_after)
     finally:
         cleanup()
 
 
-def _run(archives: list[str], cfg: PretrainConfig, out: Path, dist: DistInfo,
+def _run(sources: list[Source], cfg: PretrainConfig, out: Path, dist: DistInfo,
          progress: Progress, stop_after: int | None) -> PretrainResult:
+    archives = [s.path for s in sources]
     opened = open_archives(archives)
     settings = opened[0].settings
     plan = Plan.build(cfg, dist.world)
@@ -459,11 +525,14 @@ def _run(archives: list[str], cfg: PretrainConfig, out: Path, dist: DistInfo,
     wrapped = wrap_model(model, cfg, dist)
     optimizer, scheduler = build_optimizer(wrapped, cfg)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    position = resume(ckpts, wrapped, optimizer, scheduler, cfg)
-    if position is None and start is not None and start.training:
-        step = continue_from(start, unwrap(wrapped), optimizer, scheduler)
-        position = Position(step, step)
-    position = position or Position()
+    resumed = resume(ckpts, wrapped, optimizer, scheduler, cfg)
+    if resumed is not None:
+        position, data = resumed
+    else:
+        position, data = Position(), data_position(0, None, None, cfg)
+        if start is not None and start.training:
+            step = continue_from(start, unwrap(wrapped), optimizer, scheduler)
+            position = Position(step, step)
     step = position.step
     metrics = MetricsLog(out, enabled=dist.is_main)
     metrics.truncate_after(step)
@@ -471,8 +540,7 @@ def _run(archives: list[str], cfg: PretrainConfig, out: Path, dist: DistInfo,
         atomic_write_bytes(out / "config.yaml", config_to_yaml(
             {"pretrain": dataclasses.asdict(cfg), "archives": archives,
              "tokenizer_fingerprint": settings.tokenizer_fingerprint}).encode())
-    loader = build_loader(archives, cfg, plan, dist, model_cfg.pad_id, settings.fps,
-                          (step - position.stage_start) * plan.accumulation)
+    loader = build_loader(sources, cfg, plan, dist, model_cfg.pad_id, settings.fps, data)
     last = _loop(wrapped, loader, optimizer, scheduler, cfg, plan, model_cfg, dist, ckpts,
                  metrics, position, progress, stop_after)
     metrics.close()
@@ -497,17 +565,27 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     model.train()
     tick, clips = time.perf_counter(), 0
+    def served(at: int) -> int:
+        """Samples this stage's stream has served after update ``at``."""
+        return (at - position.stage_start) * cfg.batch_size
+
+    stream, logged = loader.dataset, served(step)
     while step < end:
         tensors = train_update(model, batches, optimizer, scheduler, cfg, plan, model_cfg,
                                dist, step)
         step += 1
         clips += 2 * plan.micro_batch * plan.accumulation * dist.world
         if step % cfg.log_every == 0 or step == end:
-            values = {k: float(v) for k, v in tensors.items()}      # the one sync per log line
+            values = global_means(tensors, dist)              # the one sync per log line
             moving_accuracy(values)
             check_finite(values, step)
             elapsed = time.perf_counter() - tick
             values.update(lr=scheduler.get_last_lr()[0], clips_per_s=clips / max(elapsed, 1e-9))
+            values.update({f"epochs/{name}": epochs for name, epochs
+                           in stream.source_epochs(served(step)).items()})
+            if dist.is_main:
+                stream.log_epochs(logged, served(step))
+            logged = served(step)
             metrics.write(step, values)
             tick, clips = time.perf_counter(), 0
             if task:
@@ -515,12 +593,25 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
                             nce_acc=values["nce_acc"])
         if step % cfg.checkpoint_every == 0 or step == end:
             if dist.is_main:
-                ckpts.save(step, checkpoint_state(model, optimizer, scheduler, step, plan, cfg,
-                                                  position.stage_start))
+                ckpts.save(step, checkpoint_state(model, optimizer, scheduler,
+                                                  Position(step, position.stage_start),
+                                                  stream.state(served(step)), cfg))
     if task:
         task.close()
     values["_step"] = step
     return values
+
+
+def global_means(tensors: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, float]:
+    """The update's metrics over all processes: means (counts summed), as floats."""
+    keys = list(tensors)                                # the same order on every rank
+    if dist.world > 1:
+        stacked = torch.stack([tensors[k].detach().float().reshape(()) for k in keys])
+        torch.distributed.all_reduce(stacked)
+        share = torch.tensor([1.0 if k in COUNTS else 1.0 / dist.world for k in keys],
+                             device=stacked.device)
+        return dict(zip(keys, (stacked * share).tolist(), strict=True))
+    return {k: float(tensors[k]) for k in keys}
 
 
 def check_finite(values: dict[str, float], step: int) -> None:

@@ -128,6 +128,9 @@ class ShardReader(Protocol):
         """Frames ``start:stop`` of video ``index`` in ``view``: uint16 [t, H, W]."""
         ...
 
+    # Optional: ``release()`` drops what a reader keeps between reads (decoded chunks, file
+    # handles) and leaves it usable; callers that keep many readers open call it when idle.
+
 
 @dataclass(frozen=True)
 class Format:
