@@ -34,7 +34,11 @@ def spec(**kw):
 
 def take(loader, n):
     it = iter(loader)
-    return [next(it)["tokens"] for _ in range(n)]
+    out = [next(it)["tokens"] for _ in range(n)]
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:       # stop DataLoader workers now, not in a later garbage collection
+        shutdown()
+    return out
 
 
 def test_stream_shapes_pad_and_determinism(archive):
