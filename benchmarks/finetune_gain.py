@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from vimpac.common.config import load_pipeline
+from vimpac.config import load_pipeline
 from vimpac.finetune.evaluate import run_probes
 from vimpac.pipeline import run_pipeline
 from vimpac.report import t_interval

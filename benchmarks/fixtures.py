@@ -72,7 +72,7 @@ def write_token_archive(root: Path, *, shards: int, videos_per_shard: int,
     """A token archive written through the archive writer, no decoding: spatially smooth ids
     (neighbouring tokens often repeat, as real token maps do) at ``grid`` x ``grid``."""
     from vimpac.archive import ArchiveSettings, VideoRecord, make_views, write_archive
-    from vimpac.common.config import TokenizeConfig
+    from vimpac.config import TokenizeConfig
 
     if (root / "manifests").is_dir():
         return root

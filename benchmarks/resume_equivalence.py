@@ -39,7 +39,7 @@ ROOT = HERE.parent
 
 DRIVER = """\
 import hashlib, json, os, sys
-from vimpac.common.config import PretrainConfig
+from vimpac.config import PretrainConfig
 from vimpac.pretrain import train
 
 cfg = PretrainConfig(**json.loads(sys.argv[3]))

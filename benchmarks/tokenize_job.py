@@ -39,7 +39,7 @@ JOB_COPIES = {"tiny": 1, "small": 4, "medium": 2}  # repeats of the scale's vide
 
 
 def job_config(**overrides: object) -> object:
-    from vimpac.common.config import TokenizeConfig
+    from vimpac.config import TokenizeConfig
 
     base = dict(fps=FPS, shorter_side=SIZE, size=SIZE, decode_workers=WORKERS,
                 batch_frames=BATCH, videos_per_shard=16, device="cpu")

@@ -25,8 +25,9 @@ from conftest import write_token_archive
 
 from vimpac.archive import Archive, ArchiveError, ShardError, open_archives, verify
 from vimpac.cli import cli
-from vimpac.common.config import ConfigError, load_pipeline
+from vimpac.common.config import ConfigError
 from vimpac.common.fileio import sha256_file
+from vimpac.config import load_pipeline
 from vimpac.data.inputs import collect_inputs
 from vimpac.pretrain.data import ClipStream, StreamSpec
 

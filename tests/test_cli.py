@@ -27,7 +27,7 @@ def test_stage_errors_inside_run_are_one_line(cli_runner, tmp_path, monkeypatch)
     def broken(ctx, stage):
         raise ArchiveError(f"{tmp_path}/archive: too few videos for a batch")
 
-    monkeypatch.setitem(pipeline.STAGES, "data", broken)
+    monkeypatch.setattr(pipeline, "stage_data", broken)
     result = cli_runner.invoke(cli, ["-q", "run", "demo", "--runs", str(tmp_path)])
     assert result.exit_code == 2
     assert "too few videos" in result.output and "Traceback" not in result.output

@@ -6,15 +6,8 @@ import textwrap
 
 import pytest
 
-from vimpac.common.config import (
-    PACKAGED_CONFIG,
-    ConfigError,
-    PretrainConfig,
-    config_to_yaml,
-    describe_fields,
-    load_pipeline,
-    pipeline_names,
-)
+from vimpac.common.config import PACKAGED_CONFIG, ConfigError, config_to_yaml, describe_fields
+from vimpac.config import PretrainConfig, load_pipeline, pipeline_names
 
 
 def write(tmp_path, text):

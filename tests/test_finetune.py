@@ -27,8 +27,8 @@ from vimpac.archive import (
     write_archive,
 )
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
-from vimpac.common.config import EvaluateConfig, FinetuneConfig
 from vimpac.common.training import read_metrics
+from vimpac.config import EvaluateConfig, FinetuneConfig
 from vimpac.finetune.data import (
     SplitPart,
     TestClips,
@@ -462,7 +462,7 @@ def test_run_probes_on_finetuned_and_pretrained(archive, finetuned, tmp_path):
 DDP_SCRIPT = """
 import dataclasses, json, sys
 import torch
-from vimpac.common.config import FinetuneConfig
+from vimpac.config import FinetuneConfig
 from vimpac.finetune.train import run_finetune
 from vimpac.pretrain.model import PRESETS
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Configuration fuzzing: any pipelines.yaml or --set ends in a config or one ConfigError line.
 
-Documents mix real schema keys (every section and field of :mod:`vimpac.common.config`) with junk
+Documents mix real schema keys (every section and field of :mod:`vimpac.config`) with junk
 keys, random nesting and types, ``extends`` chains and loops. ``load_pipeline`` is fuzzed directly
 with many examples; the CLI (``vimpac --config F --pipeline P config show``) in-process through
 click's CliRunner with fewer: it must exit 0, or exit 2 with a single ``error:`` line, never a
@@ -20,13 +20,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vimpac.cli import cli
-from vimpac.common.config import (
-    PIPELINE_KEYS,
-    SECTIONS,
-    ConfigError,
-    PipelineConfig,
-    load_pipeline,
-)
+from vimpac.common.config import ConfigError
+from vimpac.config import PIPELINE_KEYS, SECTIONS, PipelineConfig, load_pipeline
 
 FIELDS = {sec: [f.name for f in dataclasses.fields(cls)] for sec, cls in SECTIONS.items()}
 CHOICES = sorted({str(c) for cls in SECTIONS.values() for f in dataclasses.fields(cls)

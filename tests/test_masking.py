@@ -175,14 +175,15 @@ def test_tube_on_the_generators_device_and_bad_ratios() -> None:
 
 
 def _pretrain_cfg(**kw):
-    from vimpac.common.config import PretrainConfig
+    from vimpac.config import PretrainConfig
 
     return PretrainConfig(**{**dict(frames=5, grid=8, model="tiny", batch_size=4,
                                     micro_batch=4), **kw})
 
 
 def test_the_configs_masking_choices_are_the_table(monkeypatch) -> None:
-    from vimpac.common.config import ConfigError, load_pipeline
+    from vimpac.common.config import ConfigError
+    from vimpac.config import load_pipeline
 
     assert load_pipeline("demo", overrides=["pretrain.masking=tube"]).pretrain.masking == "tube"
     with pytest.raises(ConfigError, match="pretrain.masking = 'cubes': expected one of "

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from vimpac.archive import Archive, ArchiveError, ChecksumError, read_tokens, verify
 from vimpac.cli import cli
 from vimpac.common import storage
-from vimpac.common.config import PretrainConfig, TokenizeConfig
 from vimpac.common.storage import StorageError, location, redact
+from vimpac.config import PretrainConfig, TokenizeConfig
 from vimpac.finetune.data import TrainClips, worker_context
 from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.train import run_pretrain

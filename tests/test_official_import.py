@@ -20,7 +20,7 @@ import torch
 from vimpac.archive import ArchiveSettings, make_views
 from vimpac.cli import cli
 from vimpac.common.checkpoint import CheckpointError
-from vimpac.common.config import FinetuneConfig
+from vimpac.config import FinetuneConfig
 from vimpac.finetune.train import build_model
 from vimpac.pretrain.export import load_pretrained, load_pretrained_model
 from vimpac.pretrain.model import PRESETS
@@ -206,7 +206,8 @@ def test_the_from_official_recipe_fine_tunes_the_imported_weights_end_to_end(
     ``final.pt`` (tiny sizes; the recipe's own settings are the paper's)."""
     from conftest import make_test_video
 
-    from vimpac.common.config import PACKAGED_CONFIG, load_pipeline
+    from vimpac.common.config import PACKAGED_CONFIG
+    from vimpac.config import load_pipeline
     from vimpac.pipeline import run_pipeline
 
     root = tmp_path / "data"

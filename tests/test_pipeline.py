@@ -5,7 +5,8 @@ import textwrap
 import pytest
 
 from vimpac.cli import cli
-from vimpac.common.config import PACKAGED_CONFIG, load_pipeline, pipeline_names
+from vimpac.common.config import PACKAGED_CONFIG
+from vimpac.config import load_pipeline, pipeline_names
 from vimpac.pipeline import (
     PipelineError,
     build_plan,
@@ -131,3 +132,41 @@ def test_the_evaluated_checkpoint_is_part_of_the_evaluate_key(tmp_path):
     final, best = plan("demo", tmp_path), plan("demo", tmp_path, ["evaluate.checkpoint=best"])
     assert final["finetune"].path == best["finetune"].path
     assert final["evaluate"].path != best["evaluate"].path
+
+
+def test_a_stage_runs_with_exactly_the_settings_its_key_hashes(tmp_path):
+    """Each stage carries the resolved settings it runs with, and its key hashes them: the
+    labelled archive's tokenize settings take fine-tuning's fps and views in one place."""
+    import dataclasses
+
+    from vimpac.common.config import result_fields
+
+    config = load_pipeline("demo", PACKAGED_CONFIG)
+    stages = {s.name: s for s in build_plan(config, tmp_path)}
+    labelled = stages["tokens-finetune"].config["tokenize"]
+    ft = config.finetune
+    assert (labelled.fps, labelled.scales, labelled.crops, labelled.hflip) == \
+        (ft.fps, ft.view_scales, ft.view_crops, ft.view_hflip)
+    assert stages["tokens-finetune"].settings["tokenize"] == result_fields(labelled)
+    assert stages["tokens-pretrain"].config["tokenize"] is config.tokenize
+    assert stages["finetune"].config["finetune"] is config.finetune
+    for stage in stages.values():
+        for value in stage.config.values():
+            if dataclasses.is_dataclass(value):
+                assert "decode_workers" not in result_fields(value)   # volatile: not hashed
+
+
+@pytest.mark.parametrize(("change", "moves"), [
+    ("tokenize.decode_workers=7", set()),                    # volatile: how, not what
+    ("pretrain.num_workers=5", set()),
+    ("pretrain.log_every=3", set()),
+    ("finetune.num_workers=3", set()),
+    ("pretrain.lr=0.0007", {"pretrain", "finetune", "evaluate"}),
+    ("finetune.view_crops=[center]", {"tokens-finetune", "finetune", "finetune-scratch",
+                                      "evaluate", "evaluate-scratch"}),
+])
+def test_only_non_volatile_settings_move_the_keys(tmp_path, change, moves):
+    """(The report folder is named by the pipeline, so it never moves.)"""
+    base = plan("demo", tmp_path, ["finetune.compare_scratch=true"])
+    changed = plan("demo", tmp_path, ["finetune.compare_scratch=true", change])
+    assert {n for n in base if base[n].path != changed[n].path} == moves

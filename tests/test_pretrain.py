@@ -14,7 +14,8 @@ from conftest import write_token_archive
 from torch.utils.data import DataLoader
 
 from vimpac.archive import ArchiveError
-from vimpac.common.config import PretrainConfig
+from vimpac.common.checkpoint import CheckpointError
+from vimpac.config import PretrainConfig
 from vimpac.pretrain.data import ClipStream, StreamSpec, sample_clip_pairs
 from vimpac.pretrain.train import PretrainError, run_pretrain
 
@@ -133,7 +134,7 @@ def test_stop_and_resume_equals_uninterrupted(archive, tmp_path):
 
 def test_resume_with_other_settings_is_refused(archive, tmp_path):
     run_pretrain([archive], TINY, tmp_path / "run", stop_after=2)
-    with pytest.raises(PretrainError, match="lr 0.001 -> 0.01"):
+    with pytest.raises(CheckpointError, match="lr 0.001 -> 0.01"):
         run_pretrain([archive], dataclasses.replace(TINY, lr=1e-2), tmp_path / "run")
 
 
@@ -141,7 +142,7 @@ def test_two_process_gloo_run(archive, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys\n"
-        "from vimpac.common.config import PretrainConfig\n"
+        "from vimpac.pretrain.config import PretrainConfig\n"
         "from vimpac.pretrain.train import run_pretrain\n"
         "cfg = PretrainConfig(model='tiny', frames=5, grid=8, batch_size=8, micro_batch=2,\n"
         "                     steps=2, num_workers=0, proj_hidden=32, shuffle_buffer=4)\n"

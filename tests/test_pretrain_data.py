@@ -19,7 +19,8 @@ from conftest import write_token_archive
 from vimpac.archive import Archive, ArchiveError
 from vimpac.archive.formats import wds
 from vimpac.common.checkpoint import load_checkpoint
-from vimpac.common.config import ConfigError, PretrainConfig, SourceConfig, load_pipeline
+from vimpac.common.config import ConfigError
+from vimpac.config import PretrainConfig, SourceConfig, load_pipeline
 from vimpac.pretrain.clips import gather_pairs
 from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.mixing import BLOCK, Interleave, Source, SourceError, hashed, shuffle_quality

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import write_token_archive
 
-from vimpac.common.config import PretrainConfig
 from vimpac.common.training import param_groups
+from vimpac.config import PretrainConfig
 from vimpac.pretrain.model import PRESETS, VimpacPretrainModel, interpolate_table
 from vimpac.pretrain.train import (
     HEADS,

@@ -35,9 +35,9 @@ from media_builders import (
 
 from vimpac.archive import Archive, read_tokens
 from vimpac.common import video
-from vimpac.common.config import TokenizeConfig
 from vimpac.common.ffmpeg_exe import ffmpeg_exe
 from vimpac.common.video import DecodeSpec, VideoError, check_input, count_frames, decode_video
+from vimpac.config import TokenizeConfig
 from vimpac.data.inputs import VIDEO_EXTENSIONS
 from vimpac.tokenize.job import run_tokenize
 

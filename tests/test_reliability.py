@@ -37,8 +37,8 @@ from vimpac.archive import reader as archive_reader
 from vimpac.archive.formats.wds import parse_wds_bytes
 from vimpac.cli import cli
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
-from vimpac.common.config import load_pipeline
 from vimpac.common.fileio import sha256_file
+from vimpac.config import load_pipeline
 from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.train import run_pretrain
@@ -648,7 +648,7 @@ def test_pretrain_kill9_at_random_moments_then_resume_is_bitwise_identical(
 
 FINETUNE_SCRIPT = """\
 import sys
-from vimpac.common.config import FinetuneConfig
+from vimpac.config import FinetuneConfig
 from vimpac.finetune.train import run_finetune
 cfg = FinetuneConfig(frames=5, grid=8, fps=4.0, epochs=4, batch_size=4, micro_batch=2,
                      num_workers=0, eval_every=2.0, seed=0, val_fraction=0.2)

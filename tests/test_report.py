@@ -70,7 +70,7 @@ def test_mask_picture_draws_the_selected_strategy_over_real_frames(tiny_tokenize
     from conftest import make_test_video
     from PIL import Image
 
-    from vimpac.common.config import PipelineConfig, PretrainConfig, TokenizeConfig
+    from vimpac.config import PipelineConfig, PretrainConfig, TokenizeConfig
     from vimpac.report import plot_masks
     from vimpac.tokenize.job import run_tokenize
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import make_test_video
 
 from vimpac.archive import Archive, ChecksumError, read_tokens, verify
-from vimpac.common.config import TokenizeConfig
 from vimpac.common.video import decode_video
+from vimpac.config import TokenizeConfig
 from vimpac.tokenize.job import collect_inputs, decode_specs, run_tokenize, worker_of
 from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer
 

@@ -19,9 +19,9 @@ import torch
 from conftest import make_test_video
 
 from vimpac.archive import Archive, ArchiveError, load_part, verify
-from vimpac.common.config import TokenizeConfig
 from vimpac.common.storage import location
 from vimpac.common.video import DecodeSpec, decode_video
+from vimpac.config import TokenizeConfig
 from vimpac.tokenize.base import fingerprint_of
 from vimpac.tokenize.dalle import DalleConfig, DalleTokenizer
 from vimpac.tokenize.job import run_tokenize

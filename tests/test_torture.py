@@ -26,8 +26,8 @@ from media_builders import vfr_args, with_rotation
 
 from vimpac.archive import Archive, read_tokens, verify
 from vimpac.cli import cli
-from vimpac.common.config import TokenizeConfig
 from vimpac.common.ffmpeg_exe import ffmpeg_exe
+from vimpac.config import TokenizeConfig
 from vimpac.tokenize.job import run_tokenize
 
 CONFIG = """\

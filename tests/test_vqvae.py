@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from vimpac.common.checkpoint import CheckpointError
 from vimpac.tokenize import base
 from vimpac.tokenize import train_tokenizer as tt
 from vimpac.tokenize.tokenizer import encode_frames, load_tokenizer, save_tokenizer
@@ -229,7 +230,7 @@ def test_training_reduces_loss_and_writes_outputs(tmp_path):
     assert model.fingerprint() == metrics["fingerprint"]
     png = Image.open(tmp_path / "reconstructions.png")
     assert png.size == (8 * 32 * 2, 2 * 32 * 2)  # 8 frames wide, originals over reconstructions
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "checkpoints" / "step-000000012.pt", weights_only=True)
     assert ckpt["step"] == 12
 
 
@@ -248,7 +249,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     monkeypatch.setattr(tt, "train_step", crash_after_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer_on_frames(frames[:32], frames[32:], spec, tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 4
+    (saved,) = (tmp_path / "resumed" / "checkpoints").glob("step-*.pt")
+    assert saved.name == "step-000000004.pt"
     monkeypatch.undo()
     resumed = train_tokenizer_on_frames(frames[:32], frames[32:], spec, tmp_path / "resumed")
     assert resumed["fingerprint"] == full["fingerprint"]
@@ -259,7 +261,7 @@ def test_resume_refuses_a_different_spec(tmp_path):
     frames = moving_squares(24)
     spec = dataclasses.replace(SPEC, steps=2)
     train_tokenizer_on_frames(frames[:16], frames[16:], spec, tmp_path)
-    with pytest.raises(ValueError, match=r"checkpoint\.pt.*codebook_size: 32 -> 16"):
+    with pytest.raises(CheckpointError, match=r"step-000000002\.pt: .*codebook_size 32 -> 16"):
         train_tokenizer_on_frames(frames[:16], frames[16:],
                                   dataclasses.replace(spec, codebook_size=16), tmp_path)
 

@@ -29,8 +29,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from vimpac.common.config import PipelineConfig, load_pipeline
 from vimpac.common.errors import VimpacError
+from vimpac.config import PipelineConfig, load_pipeline
 
 console = Console(stderr=True)
 out = Console()
@@ -203,7 +203,7 @@ def config_show(ctx: Context) -> None:
 @handle_errors
 def config_validate(ctx: Context) -> None:
     """Check every pipeline in the config file."""
-    from vimpac.common.config import pipeline_names
+    from vimpac.config import pipeline_names
 
     names = pipeline_names(ctx.config_path)
     for name in names:
@@ -247,7 +247,7 @@ def tokenizer() -> None:
 @handle_errors
 def tokenizer_train(ctx: Context, videos: tuple[str, ...], out_dir: str) -> None:
     """Train the VQ-VAE on frames sampled from VIDEOS (files, folders, list files); resumable."""
-    from vimpac.tokenize.job import collect_inputs
+    from vimpac.data.inputs import collect_inputs
     from vimpac.tokenize.train_tokenizer import train_tokenizer
 
     cfg = ctx.pipeline()
@@ -255,20 +255,10 @@ def tokenizer_train(ctx: Context, videos: tuple[str, ...], out_dir: str) -> None
     if not found.videos:
         raise UsageError("no videos found in " + ", ".join(videos))
     with ctx.progress() as progress:
-        metrics = train_tokenizer([v.path for v in found.videos], tokenizer_spec(cfg.tokenizer),
+        metrics = train_tokenizer([v.path for v in found.videos], cfg.tokenizer.train_spec(),
                                   out_dir, progress=progress)
     _print_metrics("tokenizer", metrics)
     out.print(f"tokenizer written to {Path(out_dir) / 'tokenizer'}")
-
-
-def tokenizer_spec(tk: Any) -> Any:
-    from vimpac.tokenize.train_tokenizer import TokenizerTrainSpec
-
-    return TokenizerTrainSpec(codebook_size=tk.codebook_size, channels=tk.channels,
-                              image_size=tk.image_size, fps=tk.fps,
-                              frames_per_video=tk.frames_per_video, steps=tk.steps,
-                              batch_size=tk.batch_size, lr=tk.lr, holdout=tk.holdout,
-                              checkpoint_every=tk.checkpoint_every, seed=tk.seed)
 
 
 @tokenizer.command("import-dalle")
@@ -334,7 +324,8 @@ ARCHIVE = ArchiveLocation()
 def tokenize(ctx: Context, inputs: tuple[str, ...], tokenizer_dir: str, out_dir: str,
              worker_index: int | None, num_workers: int | None) -> None:
     """Tokenize videos, folders, list files or datasets (ucf101:ROOT, ...) into an archive."""
-    from vimpac.tokenize.job import collect_inputs, run_tokenize
+    from vimpac.data.inputs import collect_inputs
+    from vimpac.tokenize.job import run_tokenize
 
     cfg = ctx.pipeline().tokenize
     try:
@@ -611,7 +602,7 @@ def _null_progress() -> Any:
 
 
 def _all_pipelines(ctx: Context) -> list[Any]:
-    from vimpac.common.config import pipeline_names
+    from vimpac.config import pipeline_names
 
     return [load_pipeline(n, ctx.config_path, ctx.overrides)
             for n in pipeline_names(ctx.config_path)]

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vimpac.common.config import PipelineConfig, config_to_yaml
+from vimpac.common.config import config_to_yaml, result_fields
 from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
+from vimpac.config import PipelineConfig
+from vimpac.data.synth import spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,30 @@ PLAN_VERSION = 1
 DONE = "DONE.json"
 
 
+StageFn = Callable[["RunContext", "Stage"], dict[str, Any]]
+
+
 @dataclass
 class Stage:
-    """One step of a plan: what it computes from what, and where its output lives."""
+    """One step of a plan, declared once: what it computes (``run``) from which resolved settings
+    (``config``) and which stages (``needs``), and where its output lives.
+
+    ``config`` holds the very objects ``run`` reads (a stage never reads the pipeline's config
+    itself), and the key hashes them (every non-volatile field, :func:`result_fields`), so the
+    cache key and the run cannot drift apart."""
     name: str                                   # e.g. "tokens-pretrain"
     kind: str                                   # folder under RUNS: data, tokenizer, tokens, ...
-    settings: dict[str, Any]                    # the resolved config that defines the output
+    run: StageFn
+    config: dict[str, Any]                      # resolved sections and identities it runs with
     needs: list[str] = field(default_factory=list)
     key: str = ""
     path: Path = Path()
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What defines the output: the config's plain values, volatile fields left out."""
+        return {k: result_fields(v) if dataclasses.is_dataclass(v) else v
+                for k, v in self.config.items()}
 
     def done(self) -> bool:
         return (self.path / DONE).is_file()
@@ -70,39 +87,11 @@ def stable_hash(data: Any) -> str:
 
 # ------------------------------------------------------------------------------------------ plan
 
-def _tokenize_settings(config: PipelineConfig, labelled: bool) -> dict[str, Any]:
-    tk = dataclasses.asdict(config.tokenize)
-    for volatile in ("decode_workers", "batch_frames", "device", "decode_timeout_s"):
-        tk.pop(volatile)                            # how fast, not what: not part of the key
-    if labelled:
-        ft = config.finetune
-        tk.update(fps=ft.fps, scales=ft.view_scales, crops=ft.view_crops, hflip=ft.view_hflip)
-    return tk
-
-
-def _finetune_settings(config: PipelineConfig, init: str) -> dict[str, Any]:
-    ft = dataclasses.asdict(config.finetune)
-    for volatile in ("num_workers", "compare_scratch"):
-        ft.pop(volatile)
-    ft["init"] = init
-    ft["model"] = config.pretrain.model
-    return ft
-
-
-def _pretrain_settings(config: PipelineConfig) -> dict[str, Any]:
-    pt = dataclasses.asdict(config.pretrain)
-    for volatile in ("num_workers", "checkpoint_every", "keep_checkpoints", "log_every"):
-        pt.pop(volatile)
-    return pt
-
-
 def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
     """The stages of ``config`` in run order, each with its key and output folder."""
-    runs = Path(runs)
     d, stages = config.data, []
     if d.synthetic:
-        stages.append(Stage("data", "data", {k: v for k, v in dataclasses.asdict(d).items()
-                                             if k.startswith("synth") and k != "synth_layout"}))
+        stages.append(Stage("data", "data", stage_data, {"synth": spec_from_config(d)}))
         pretrain_inputs = {"from": "data", "path": "uncurated"}
         finetune_inputs = {"from": "data", "dataset": d.synth_layout}
     else:
@@ -111,46 +100,52 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
                                 "data.pretrain_inputs nor data.finetune_dataset is set")
         pretrain_inputs = {"paths": [str(Path(p).resolve()) for p in d.pretrain_inputs]}
         finetune_inputs = {"dataset": d.finetune_dataset}
-    tk_cfg = dataclasses.asdict(config.tokenizer)
-    if config.tokenizer.source == "train":
-        stages.append(Stage("tokenizer", "tokenizer", {"tokenizer": tk_cfg,
-                                                       "inputs": pretrain_inputs},
-                            ["data"] if d.synthetic else []))
-    elif config.tokenizer.source == "dalle":
-        stages.append(Stage("tokenizer", "tokenizer", {"dalle": _file_identity(
-            config.tokenizer.path)}))
-    tok_needs = ["tokenizer"] if config.tokenizer.source != "path" else []
-    tok_id = {"path": str(Path(config.tokenizer.path).resolve())} if not tok_needs else {}
     data_needs = ["data"] if d.synthetic else []
+    tokenizer = config.tokenizer
+    if tokenizer.source == "train":
+        stages.append(Stage("tokenizer", "tokenizer", stage_tokenizer,
+                            {"tokenizer": tokenizer, "inputs": pretrain_inputs}, data_needs))
+    elif tokenizer.source == "dalle":
+        stages.append(Stage("tokenizer", "tokenizer", stage_tokenizer,
+                            {"tokenizer": tokenizer, "dalle": _file_identity(tokenizer.path)}))
+    tok_needs = ["tokenizer"] if tokenizer.source != "path" else []
+    tok_id = {"path": str(Path(tokenizer.path).resolve())} if not tok_needs else {}
     official = config.pretrain.official_checkpoint
     has_pretrain = bool(d.synthetic or d.pretrain_inputs or official)
     has_finetune = bool(d.synthetic or d.finetune_dataset)
     if official:
-        stages.append(Stage("pretrain", "pretrain", {"official": _file_identity(official),
-                                                     **tok_id}, tok_needs))
+        stages.append(Stage("pretrain", "pretrain", stage_import_official,
+                            {"official": _file_identity(official), **tok_id}, tok_needs))
     elif has_pretrain:
-        stages.append(Stage("tokens-pretrain", "tokens", {
-            "tokenize": _tokenize_settings(config, False), "inputs": pretrain_inputs, **tok_id},
-            tok_needs + data_needs))
-        stages.append(Stage("pretrain", "pretrain", {"pretrain": _pretrain_settings(config)},
-                            ["tokens-pretrain"]))
+        stages.append(Stage("tokens-pretrain", "tokens", stage_tokens_pretrain,
+                            {"tokenize": config.tokenize, "inputs": pretrain_inputs, **tok_id},
+                            tok_needs + data_needs))
+        stages.append(Stage("pretrain", "pretrain", stage_pretrain,
+                            {"pretrain": config.pretrain}, ["tokens-pretrain"]))
     if has_finetune:
-        stages.append(Stage("tokens-finetune", "tokens", {
-            "tokenize": _tokenize_settings(config, True), "inputs": finetune_inputs, **tok_id},
-            tok_needs + data_needs))
-        variants = []
-        if has_pretrain and config.finetune.init == "pretrained":
-            variants.append(("finetune", "pretrained", ["tokens-finetune", "pretrain"]))
-        if config.finetune.init == "scratch" or config.finetune.compare_scratch or \
-                not has_pretrain:
-            variants.append(("finetune-scratch", "scratch", ["tokens-finetune"]))
-        for name, init, needs in variants:
-            stages.append(Stage(name, "finetune", {"finetune": _finetune_settings(config, init)},
-                                needs))
-            stages.append(Stage(name.replace("finetune", "evaluate"), "evaluate",
-                                {"evaluate": dataclasses.asdict(config.evaluate)}, [name]))
-    stages.append(Stage("report", "reports", {"pipeline": config.name}, []))
-    _assign_keys(stages, runs)
+        stages.append(Stage("tokens-finetune", "tokens", stage_tokens_finetune,
+                            {"tokenize": config.tokenize.labelled(config.finetune),
+                             "inputs": finetune_inputs, **tok_id}, tok_needs + data_needs))
+        stages += _finetune_stages(config, has_pretrain)
+    stages.append(Stage("report", "reports", stage_report, {"pipeline": config.name}))
+    _assign_keys(stages, Path(runs))
+    return stages
+
+
+def _finetune_stages(config: PipelineConfig, has_pretrain: bool) -> list[Stage]:
+    """Fine-tuning from the pre-trained backbone and/or from scratch, each then evaluated."""
+    ft, variants = config.finetune, []
+    if has_pretrain and ft.init == "pretrained":
+        variants.append(("finetune", "pretrained", ["tokens-finetune", "pretrain"]))
+    if ft.init == "scratch" or ft.compare_scratch or not has_pretrain:
+        variants.append(("finetune-scratch", "scratch", ["tokens-finetune"]))
+    stages = []
+    for name, init, needs in variants:
+        stages.append(Stage(name, "finetune", stage_finetune,
+                            {"finetune": ft, "init": init, "model": config.pretrain.model},
+                            needs))
+        stages.append(Stage(name.replace("finetune", "evaluate"), "evaluate", stage_evaluate,
+                            {"evaluate": config.evaluate}, [name]))
     return stages
 
 
@@ -190,38 +185,32 @@ class RunContext:
         return self.stages[name].result()
 
 
-StageFn = Callable[[RunContext, Stage], dict[str, Any]]
-
-
 def stage_data(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    from vimpac.data.synth import spec_from_config, write_corpus
+    from vimpac.data.synth import write_corpus
 
-    spec = spec_from_config(ctx.config.data)
-    return {"corpus": write_corpus(stage.path / "corpus", spec, progress=ctx.progress)["counts"]}
-
-
-def _pretrain_inputs(ctx: RunContext) -> list[str]:
-    if ctx.config.data.synthetic:
-        return [str(ctx.path("data") / "corpus" / "uncurated")]
-    return list(ctx.config.data.pretrain_inputs)
+    corpus = write_corpus(stage.path / "corpus", stage.config["synth"], progress=ctx.progress)
+    return {"corpus": corpus["counts"]}
 
 
-def _finetune_inputs(ctx: RunContext) -> list[str]:
-    if ctx.config.data.synthetic:
-        layout = ctx.config.data.synth_layout
-        return [f"{layout}:{ctx.path('data') / 'corpus' / layout}"]
-    return [ctx.config.data.finetune_dataset]
+def _inputs(ctx: RunContext, inputs: dict[str, Any]) -> list[str]:
+    """A tokenize stage's ``inputs`` identity as the paths / dataset specs it names."""
+    if inputs.get("from") == "data":
+        corpus = ctx.path("data") / "corpus"
+        if "dataset" in inputs:
+            return [f"{inputs['dataset']}:{corpus / inputs['dataset']}"]
+        return [str(corpus / inputs["path"])]
+    return [inputs["dataset"]] if "dataset" in inputs else list(inputs["paths"])
 
 
 def _tokenizer_dir(ctx: RunContext) -> Path:
-    if ctx.config.tokenizer.source == "path":
+    if "tokenizer" not in ctx.stages:                   # tokenizer.source = path
         return Path(ctx.config.tokenizer.path)
     return ctx.path("tokenizer") / "tokenizer"
 
 
 def stage_tokenizer(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    tk = ctx.config.tokenizer
-    if tk.source == "dalle":
+    tk = stage.config["tokenizer"]
+    if "dalle" in stage.config:
         from vimpac.tokenize.dalle import import_dalle
 
         if not Path(tk.path).is_file():
@@ -229,59 +218,44 @@ def stage_tokenizer(ctx: RunContext, stage: Stage) -> dict[str, Any]:
                                 "encoder.pkl, which vimpac cannot download for you)")
         model = import_dalle(tk.path, stage.path / "tokenizer")
         return {"fingerprint": model.fingerprint()}
-    from vimpac.tokenize.job import collect_inputs
-    from vimpac.tokenize.train_tokenizer import TokenizerTrainSpec, train_tokenizer
+    from vimpac.data.inputs import collect_inputs
+    from vimpac.tokenize.train_tokenizer import train_tokenizer
 
-    videos = [v.path for v in collect_inputs(_pretrain_inputs(ctx)).videos]
-    spec = TokenizerTrainSpec(codebook_size=tk.codebook_size, channels=tk.channels,
-                              image_size=tk.image_size, fps=tk.fps,
-                              frames_per_video=tk.frames_per_video, steps=tk.steps,
-                              batch_size=tk.batch_size, lr=tk.lr, holdout=tk.holdout,
-                              checkpoint_every=tk.checkpoint_every, seed=tk.seed)
-    metrics = train_tokenizer(videos, spec, stage.path, progress=ctx.progress)
+    videos = [v.path for v in collect_inputs(_inputs(ctx, stage.config["inputs"])).videos]
+    metrics = train_tokenizer(videos, tk.train_spec(), stage.path, progress=ctx.progress)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
-def _tokenize(ctx: RunContext, stage: Stage, inputs: list[str], labelled: bool) -> dict[str, Any]:
+def stage_tokens(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    """A token archive of the stage's inputs with the stage's tokenize settings."""
     from vimpac.tokenize.job import run_tokenize
 
-    cfg = ctx.config.tokenize
-    if labelled:
-        ft = ctx.config.finetune
-        cfg = dataclasses.replace(cfg, fps=ft.fps, scales=ft.view_scales, crops=ft.view_crops,
-                                  hflip=ft.view_hflip)
-    summary = run_tokenize(inputs, _tokenizer_dir(ctx), stage.path / "archive", cfg,
-                           worker_index=0, num_workers=1, progress=ctx.progress)
+    summary = run_tokenize(_inputs(ctx, stage.config["inputs"]), _tokenizer_dir(ctx),
+                           stage.path / "archive", stage.config["tokenize"], worker_index=0,
+                           num_workers=1, progress=ctx.progress)
     for path, reason in summary.failures:
         log.warning("not tokenized: %s: %s", path, reason)
     return {"ok": summary.ok + summary.skipped, "failed": len(summary.failures),
             "frames": summary.frames, "bytes": summary.bytes}
 
 
-def stage_tokens_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    return _tokenize(ctx, stage, _pretrain_inputs(ctx), labelled=False)
-
-
-def stage_tokens_finetune(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    return _tokenize(ctx, stage, _finetune_inputs(ctx), labelled=True)
+stage_tokens_pretrain = stage_tokens_finetune = stage_tokens
 
 
 def stage_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     from vimpac.pretrain.train import run_pretrain
 
-    if ctx.config.pretrain.official_checkpoint:
-        return _import_official(ctx, stage)
-    result = run_pretrain([ctx.path("tokens-pretrain") / "archive"], ctx.config.pretrain,
+    result = run_pretrain([ctx.path("tokens-pretrain") / "archive"], stage.config["pretrain"],
                           stage.path, progress=ctx.progress)
     return {"step": result.step, **{k: float(v) for k, v in result.last_metrics.items()}}
 
 
-def _import_official(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+def stage_import_official(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     """The authors' weights into ``pretrained.pt``, tied to the pipeline's DALL-E tokenizer."""
     from vimpac.pretrain.official import import_official
     from vimpac.tokenize.tokenizer import dalle_folder
 
-    path = ctx.config.pretrain.official_checkpoint
+    path = stage.config["official"]["path"]
     if not Path(path).is_file():
         raise PipelineError(f"pretrain.official_checkpoint = {path!r}: no such file (the "
                             "authors' released classifier.pt, which vimpac cannot download)")
@@ -292,53 +266,33 @@ def _import_official(ctx: RunContext, stage: Stage) -> dict[str, Any]:
             **{k: v for k, v in record["inferred"].items() if isinstance(v, (int, str))}}
 
 
-def _finetune(ctx: RunContext, stage: Stage, init: str | None) -> dict[str, Any]:
+def stage_finetune(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    """Fine-tuning from the pre-trained backbone (``init: pretrained``) or from scratch."""
     from vimpac.finetune.train import run_finetune
 
-    summary = run_finetune(ctx.path("tokens-finetune") / "archive", ctx.config.finetune,
-                           stage.path, init=init, model_preset=ctx.config.pretrain.model,
+    init = str(ctx.path("pretrain") / "pretrained.pt") \
+        if stage.config["init"] == "pretrained" else None
+    summary = run_finetune(ctx.path("tokens-finetune") / "archive", stage.config["finetune"],
+                           stage.path, init=init, model_preset=stage.config["model"],
                            progress=ctx.progress)
     return json.loads(json.dumps(summary, default=str))
 
 
-def stage_finetune(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    return _finetune(ctx, stage, str(ctx.path("pretrain") / "pretrained.pt"))
-
-
-def stage_finetune_scratch(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    return _finetune(ctx, stage, None)
-
-
-def _evaluate(ctx: RunContext, stage: Stage, finetuned: str) -> dict[str, Any]:
+def stage_evaluate(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    """The fine-tuned model the stage reads (``final.pt``, or ``best.pt`` chosen on the
+    validation split: ``evaluate.checkpoint``) on the evaluation split."""
     from vimpac.finetune.evaluate import run_evaluate
 
-    ckpt = ctx.path(finetuned) / f"{ctx.config.evaluate.checkpoint}.pt"  # final (default) | best
-    results = run_evaluate(ctx.path("tokens-finetune") / "archive", ckpt, ctx.config.evaluate,
-                           stage.path)
+    cfg = stage.config["evaluate"]
+    ckpt = ctx.path(stage.needs[0]) / f"{cfg.checkpoint}.pt"
+    results = run_evaluate(ctx.path("tokens-finetune") / "archive", ckpt, cfg, stage.path)
     return json.loads(json.dumps(results, default=str))
-
-
-def stage_evaluate(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    return _evaluate(ctx, stage, "finetune")
-
-
-def stage_evaluate_scratch(ctx: RunContext, stage: Stage) -> dict[str, Any]:
-    return _evaluate(ctx, stage, "finetune-scratch")
 
 
 def stage_report(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     from vimpac.report import write_report
 
     return write_report(ctx, stage.path)
-
-
-STAGES: dict[str, StageFn] = {
-    "data": stage_data, "tokenizer": stage_tokenizer,
-    "tokens-pretrain": stage_tokens_pretrain, "tokens-finetune": stage_tokens_finetune,
-    "pretrain": stage_pretrain, "finetune": stage_finetune,
-    "finetune-scratch": stage_finetune_scratch, "evaluate": stage_evaluate,
-    "evaluate-scratch": stage_evaluate_scratch, "report": stage_report,
-}
 
 
 def dependents(stages: list[Stage], names: set[str]) -> set[str]:
@@ -400,7 +354,7 @@ def _run_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
     (stage.path / "config.yaml").write_text(config_to_yaml(ctx.config))
     log.info("stage %s -> %s", stage.name, stage.path)
     start = time.perf_counter()
-    result = STAGES[stage.name](ctx, stage)
+    result = stage.run(ctx, stage)
     seconds = time.perf_counter() - start
     atomic_write_json(stage.path / DONE, {"result": result, "seconds": seconds,
                                           "finished": time.time()})

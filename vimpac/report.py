@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from vimpac.common.config import PretrainConfig
+    from vimpac.config import PretrainConfig
     from vimpac.pipeline import RunContext
 
 log = logging.getLogger(__name__)

@@ -1,21 +1,33 @@
-"""Checkpoints: atomic writes, safe loading, keep-last-k rotation.
+"""Checkpoints: one save / resume mechanism for every trainer.
 
-A checkpoint is a dict of ``state_dict``s (model, optimizer, scheduler, data stream) plus plain
-values (step, RNG, resolved config). It is written to a temporary file, fsynced and renamed, so a
-crash leaves the previous checkpoint intact; it is read with ``torch.load(weights_only=True)``, so
-loading one cannot run code.
+A checkpoint is a dict of ``state_dict``s (model, optimizer, scheduler, ...) plus plain values: the
+step, the trainer's data position and extras, every rank's RNG state and the resolved config. It is
+written to a temporary file, fsynced and renamed, so a crash leaves the previous checkpoint
+intact; it is read with ``torch.load(weights_only=True)``, so loading one cannot run code.
+
+:class:`Checkpointer` is what the three trainers (tokenizer, pre-training, fine-tuning) use:
+``save`` is a collective (every rank gives its RNG state, rank 0 writes), ``resume`` restores the
+newest checkpoint after checking that it belongs to this run: a changed config field is refused,
+naming it, unless the field is *volatile* (:func:`vimpac.common.config.param`: how a job runs, not
+what it computes), whose change is logged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vimpac.common.config import changed_fields
 from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_open
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -109,3 +121,91 @@ class CheckpointManager:
         for stale in self.folder.glob(".step-*.tmp"):      # left by a killed writer
             stale.unlink(missing_ok=True)
         return path
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order): a collective when torch.distributed is running."""
+    state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in rng_state().items()}
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+@dataclass
+class Resumed:
+    """What :meth:`Checkpointer.resume` restored: the step and the whole checkpoint dict (for
+    the trainer's own extras: data position, best score, ...)."""
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+
+class Checkpointer:
+    """Save and resume one run: ``DIR/step-NNNNNNNNN.pt``, the newest ``keep`` kept.
+
+    ``config``: the run's config dataclass (saved, and checked on resume field by field);
+    ``identity``: other values that must match exactly (e.g. the data size, the start).
+    ``parts`` given to :meth:`save` and :meth:`resume` map names to objects with ``state_dict``
+    and ``load_state_dict`` (model, optimizer, scheduler, a data stream...).
+    """
+
+    def __init__(self, folder: str | Path, config: Any, *, keep: int = 3,
+                 identity: dict[str, Any] | None = None) -> None:
+        self.files = CheckpointManager(folder, keep)
+        self.config, self.identity = config, dict(identity or {})
+
+    def latest(self) -> Path | None:
+        return self.files.latest()
+
+    def save(self, step: int, parts: dict[str, Any], extra: dict[str, Any] | None = None, *,
+             main: bool = True) -> Path | None:
+        """A checkpoint of ``parts`` and ``extra`` at ``step`` (collective: every rank calls it,
+        rank 0, ``main``, writes)."""
+        rngs = gather_rng_states()
+        if not main:
+            return None
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state.update(extra or {})
+        state.update(step=step, rng=rngs, config=dataclasses.asdict(self.config),
+                     identity=self.identity)
+        return self.files.save(step, state)
+
+    def resume(self, parts: dict[str, Any], *, rank: int = 0, world: int = 1) -> Resumed | None:
+        """Restore the newest checkpoint into ``parts`` (None when there is none)."""
+        path = self.latest()
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        self.check(state, path)
+        for name, part in parts.items():
+            if name not in state:
+                raise CheckpointError(f"{path}: holds no {name} state")
+            part.load_state_dict(state[name])
+        rngs = state.get("rng")
+        if isinstance(rngs, dict):                      # a checkpoint of one process
+            rngs = [rngs]
+        if isinstance(rngs, list) and len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:
+            log.warning("%s: saved by %s processes, resumed by %d: RNG streams not restored",
+                        path, len(rngs) if isinstance(rngs, list) else "?", world)
+        log.info("resumed from %s at step %d", path, int(state["step"]))
+        return Resumed(path, int(state["step"]), state)
+
+    def check(self, state: dict[str, Any], path: Path) -> None:
+        """The checkpoint belongs to this run: same identity and non-volatile config fields."""
+        saved = state.get("config")
+        if not isinstance(saved, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{path}: not a vimpac training checkpoint (no config or step)")
+        changed, volatile = changed_fields(saved, self.config)
+        changed += [f"{k} {state.get('identity', {}).get(k)!r} -> {v!r}"
+                    for k, v in self.identity.items() if state.get("identity", {}).get(k) != v]
+        if changed:
+            raise CheckpointError(f"{path}: written by a run with other settings ("
+                                  + ", ".join(changed) + "); use a new output folder or the "
+                                  "original settings")
+        if volatile:
+            log.info("%s: resuming with changed run settings: %s", path, ", ".join(volatile))

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 
 from vimpac.archive import Archive, ArchiveError
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
-from vimpac.common.config import EvaluateConfig
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import autocast_context
+from vimpac.finetune.config import EvaluateConfig
 from vimpac.finetune.data import TestClips, worker_context
 from vimpac.finetune.train import FORMAT as FINETUNED_FORMAT
 from vimpac.finetune.train import (

@@ -57,19 +57,17 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from vimpac.archive import Archive, ArchiveError, ArchiveSettings
 from vimpac.common.checkpoint import (
+    Checkpointer,
     CheckpointError,
-    CheckpointManager,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
-from vimpac.common.config import FinetuneConfig
 from vimpac.common.distributed import DistInfo, cleanup, init_distributed
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import MetricsLog, autocast_context, param_groups, warmup_linear
 from vimpac.data.datasets import standard_splits
+from vimpac.finetune.config import FinetuneConfig
 from vimpac.finetune.data import ItemKey, SplitPart, TestClips, TrainClips, worker_context
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBackbone
@@ -77,7 +75,6 @@ from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBa
 log = logging.getLogger(__name__)
 
 FORMAT = "vimpac-finetuned/1"
-RESUME_FREE_KEYS = ("num_workers", "precision")  # config keys that may change across a resume
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -329,33 +326,25 @@ class Finetuner:
         self.step = 0
         self.best_top1, self.best_step, self.last_top1 = -1.0, -1, -1.0
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the RNG states, which :meth:`save` gathers from every rank."""
-        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "best_top1": self.best_top1, "best_step": self.best_step,
-                "last_top1": self.last_top1, "config": dataclasses.asdict(self.cfg),
-                "total": self.total, "init": self.init}
+    def parts(self) -> dict[str, Any]:
+        """What a checkpoint holds state dicts of."""
+        return {"model": self.raw, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
-    def save(self, ckpts: CheckpointManager) -> None:
+    def save(self, ckpt: Checkpointer) -> None:
         """A resumable checkpoint (a collective: every rank calls it, rank 0 writes)."""
-        rngs = gather_rng_states()
-        if self.dist.is_main:
-            ckpts.save(self.step, {**self.state_dict(), "rng": rngs})
+        ckpt.save(self.step, self.parts(), {"best_top1": self.best_top1,
+                                            "best_step": self.best_step,
+                                            "last_top1": self.last_top1}, main=self.dist.is_main)
 
-    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        check_resume_config(state, self.cfg, self.total, self.init, source)
-        self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.best_top1 = state["step"], state["best_top1"]
-        self.best_step, self.last_top1 = state["best_step"], state["last_top1"]
-        rngs = state["rng"]
-        if len(rngs) == self.dist.world:
-            set_rng_state(rngs[self.dist.rank])
-        else:
-            log.warning("%s: saved by %d processes, resumed by %d: dropout RNG not restored",
-                        source, len(rngs), self.dist.world)
+    def resume(self, ckpt: Checkpointer) -> bool:
+        """Continue from the newest checkpoint of this run, if any."""
+        resumed = ckpt.resume(self.parts(), rank=self.dist.rank, world=self.dist.world)
+        if resumed is None:
+            return False
+        state = resumed.state
+        self.step, self.best_top1 = resumed.step, float(state["best_top1"])
+        self.best_step, self.last_top1 = int(state["best_step"]), float(state["last_top1"])
+        return True
 
     def train_update(self, micro_batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
         """One optimizer update over this rank's micro-batches; loss / accuracy over all ranks."""
@@ -388,29 +377,6 @@ class Finetuner:
         (loss * self.dist.world / self.cfg.batch_size).backward()
         correct = (logits.argmax(-1) == labels).sum()
         return torch.stack([loss.detach(), correct.float(), labels.new_tensor(len(labels)).float()])
-
-
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's RNG state (rank order), so each rank resumes its own dropout stream."""
-    state = rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, {k: v.cpu() if isinstance(v, Tensor) else v
-                                    for k, v in state.items()})
-    return states
-
-
-def check_resume_config(state: dict[str, Any], cfg: FinetuneConfig, total: int, init: str,
-                        source: Path) -> None:
-    """A checkpoint resumes only the run that wrote it: same config, data size and start."""
-    saved = {**state["config"], "init": state["init"]}
-    now = {**dataclasses.asdict(cfg), "init": init}
-    diff = [k for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k]]
-    if diff or state["total"] != total:
-        keys = ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in diff) or "data size"
-        raise CheckpointError(f"{source}: written by a run with other settings: {keys}; "
-                              "use a new output folder or the original settings")
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -505,20 +471,20 @@ def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, pr
     schedule = Schedule.of(cfg, len(data.train))
     start = str(Path(init).resolve()) if init else f"scratch:{preset}"
     trainer = Finetuner(model, cfg, dist_info, schedule.total, start)
-    ckpts = CheckpointManager(out / "checkpoints", keep=2)
+    ckpt = Checkpointer(out / "checkpoints", cfg, keep=2,
+                        identity={"total": schedule.total, "init": start})
     metrics = MetricsLog(out, enabled=dist_info.is_main)
     if dist_info.is_main:
         write_run_config(out, cfg, archive_path, init, preset)
-    if (latest := ckpts.latest()) is not None:
-        trainer.load_state_dict(load_checkpoint(latest), latest)
+    if trainer.resume(ckpt):
         metrics.truncate_after(trainer.step)
-        log.info("resumed from %s at update %d / %d", latest, trainer.step, schedule.total)
+        log.info("at update %d / %d", trainer.step, schedule.total)
     log.info("fine-tuning %d updates on %d videos (%s), %d classes; validation on %s",
              schedule.total, len(data.train), data.train_tag, len(data.classes),
              f"{len(data.val)} videos, the {data.val_part.describe()}"
              if data.val is not None and data.val_part is not None else "nothing")
     end = schedule.total if stop_after is None else min(stop_after, schedule.total)
-    _train_loop(trainer, data, cfg, schedule, end, ckpts, metrics, progress, init, out)
+    _train_loop(trainer, data, cfg, schedule, end, ckpt, metrics, progress, init, out)
     metrics.close()
     last = trainer.last_top1 if data.val is not None else None
     summary = _summary(trainer, schedule, data, out)
@@ -530,7 +496,7 @@ def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, pr
 
 
 def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, schedule: Schedule,
-                end: int, ckpts: CheckpointManager, metrics: MetricsLog, progress: Progress,
+                end: int, ckpt: Checkpointer, metrics: MetricsLog, progress: Progress,
                 init: str | None, out: Path) -> None:
     """Updates ``trainer.step .. end``: train, log, validate, checkpoint."""
     info = trainer.dist
@@ -549,7 +515,7 @@ def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, sch
                                      or trainer.step == schedule.total):
             _validate_and_keep_best(trainer, data, cfg, metrics, init, out)
         if trainer.step % schedule.save_every == 0 or trainer.step == end:
-            trainer.save(ckpts)
+            trainer.save(ckpt)
     task.close()
 
 

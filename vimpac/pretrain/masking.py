@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from vimpac.common.config import PretrainConfig
+    from vimpac.pretrain.config import PretrainConfig
 
 TARGET_RATIO = 0.15  # BERT's masking ratio, the target of default_num_blocks
 

@@ -33,13 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vimpac.archive import open_archives
-from vimpac.common.checkpoint import (
-    CheckpointManager,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
-from vimpac.common.config import PretrainConfig, config_to_yaml
+from vimpac.common.checkpoint import Checkpointer, CheckpointManager, load_checkpoint
+from vimpac.common.config import config_to_yaml
 from vimpac.common.distributed import DistInfo, cleanup, init_distributed
 from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_bytes
@@ -50,6 +45,7 @@ from vimpac.common.training import (
     param_groups,
     warmup_linear,
 )
+from vimpac.pretrain.config import PretrainConfig
 from vimpac.pretrain.data import ClipStream, Source, StreamSpec
 from vimpac.pretrain.export import FORMAT as PRETRAINED_FORMAT
 from vimpac.pretrain.export import full_state, load_pretrained, save_pretrained
@@ -414,13 +410,9 @@ class Position:
     stage_start: int = 0
 
 
-def checkpoint_state(model: nn.Module, optimizer: Any, scheduler: Any,
-                     position: Position, data: dict[str, Any],
-                     cfg: PretrainConfig) -> dict[str, Any]:
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": position.step, "rng": rng_state(),
-            "stage_start": position.stage_start, "data": data,
-            "config": dataclasses.asdict(cfg)}
+def checkpoint_parts(model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """What a pre-training checkpoint holds state dicts of."""
+    return {"model": unwrap(model), "optimizer": optimizer, "scheduler": scheduler}
 
 
 def data_position(served: int, saved: dict[str, Any] | None, path: Path | None,
@@ -457,33 +449,20 @@ DATA_STATE = {  # what a checkpoint's data position may hold (checkpoints are re
 }
 
 
-def resume(ckpts: CheckpointManager, model: nn.Module, optimizer: Any, scheduler: Any,
-           cfg: PretrainConfig) -> tuple[Position, dict[str, Any]] | None:
+def resume(ckpt: Checkpointer, model: nn.Module, optimizer: Any, scheduler: Any,
+           cfg: PretrainConfig, dist: DistInfo) -> tuple[Position, dict[str, Any]] | None:
     """Restore the run's own newest checkpoint, if any; return where it stands and its data
     position (see :func:`data_position`)."""
-    path = ckpts.latest()
-    if path is None:
+    resumed = ckpt.resume(checkpoint_parts(model, optimizer, scheduler), rank=dist.rank,
+                          world=dist.world)
+    if resumed is None:
         return None
-    state = load_checkpoint(path)
-    saved = {k: v for k, v in state["config"].items() if k not in RESUME_MAY_CHANGE}
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
-    if saved != now:
-        diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
-                         if saved.get(k) != v)
-        raise PretrainError(f"{path}: run was started with other settings ({diff}); use a new "
-                            "output folder or restore the settings")
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", path, state["step"])
-    position = Position(int(state["step"]), int(state.get("stage_start", 0)))
+    position = Position(resumed.step, int(resumed.state.get("stage_start", 0)))
+    if not 0 <= position.stage_start <= position.step:
+        raise PretrainError(f"{resumed.path}: stage_start {position.stage_start} is not a step "
+                            f"before {position.step}")
     served = position.step - position.stage_start
-    return position, data_position(served, state.get("data"), path, cfg)
-
-
-RESUME_MAY_CHANGE = {"checkpoint_every", "keep_checkpoints", "log_every", "num_workers",
-                     "on_corrupt_shard", "compile", "micro_batch", "read_window", "open_shards"}
+    return position, data_position(served, resumed.state.get("data"), resumed.path, cfg)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -524,8 +503,8 @@ def _run(sources: list[Source], cfg: PretrainConfig, out: Path, dist: DistInfo,
     model_cfg = model.config
     wrapped = wrap_model(model, cfg, dist)
     optimizer, scheduler = build_optimizer(wrapped, cfg)
-    ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    resumed = resume(ckpts, wrapped, optimizer, scheduler, cfg)
+    ckpt = Checkpointer(out / "checkpoints", cfg, keep=cfg.keep_checkpoints)
+    resumed = resume(ckpt, wrapped, optimizer, scheduler, cfg, dist)
     if resumed is not None:
         position, data = resumed
     else:
@@ -541,7 +520,7 @@ def _run(sources: list[Source], cfg: PretrainConfig, out: Path, dist: DistInfo,
             {"pretrain": dataclasses.asdict(cfg), "archives": archives,
              "tokenizer_fingerprint": settings.tokenizer_fingerprint}).encode())
     loader = build_loader(sources, cfg, plan, dist, model_cfg.pad_id, settings.fps, data)
-    last = _loop(wrapped, loader, optimizer, scheduler, cfg, plan, model_cfg, dist, ckpts,
+    last = _loop(wrapped, loader, optimizer, scheduler, cfg, plan, model_cfg, dist, ckpt,
                  metrics, position, progress, stop_after)
     metrics.close()
     pretrained = out / "pretrained.pt"
@@ -555,7 +534,7 @@ def _run(sources: list[Source], cfg: PretrainConfig, out: Path, dist: DistInfo,
 
 def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
           cfg: PretrainConfig, plan: Plan, model_cfg: ModelConfig, dist: DistInfo,
-          ckpts: CheckpointManager, metrics: MetricsLog, position: Position, progress: Progress,
+          ckpt: Checkpointer, metrics: MetricsLog, position: Position, progress: Progress,
           stop_after: int | None) -> dict[str, float]:
     step = position.step
     task = progress.task("pretrain", total=cfg.steps, unit="updates") if dist.is_main else None
@@ -591,11 +570,10 @@ def _loop(model: nn.Module, loader: DataLoader, optimizer: Any, scheduler: Any,
             if task:
                 task.update(completed=step, loss=values["loss"], mlm_acc=values["mlm_acc"],
                             nce_acc=values["nce_acc"])
-        if step % cfg.checkpoint_every == 0 or step == end:
-            if dist.is_main:
-                ckpts.save(step, checkpoint_state(model, optimizer, scheduler,
-                                                  Position(step, position.stage_start),
-                                                  stream.state(served(step)), cfg))
+        if step % cfg.checkpoint_every == 0 or step == end:         # collective
+            ckpt.save(step, checkpoint_parts(model, optimizer, scheduler),
+                      {"stage_start": position.stage_start, "data": stream.state(served(step))},
+                      main=dist.is_main)
     if task:
         task.close()
     values["_step"] = step

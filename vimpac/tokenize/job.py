@@ -29,12 +29,13 @@ from vimpac.archive import (
     View,
     make_views,
 )
-from vimpac.common.config import TokenizeConfig, config_to_yaml
+from vimpac.common.config import config_to_yaml
 from vimpac.common.names import normalise_key
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.storage import location
 from vimpac.common.video import DecodeSpec
 from vimpac.data.inputs import Inputs, InputVideo, collect_inputs
+from vimpac.tokenize.config import TokenizeConfig
 from vimpac.tokenize.decode_pool import DecodePool, Message
 
 log = logging.getLogger(__name__)

@@ -1,13 +1,17 @@
 """Train our per-frame VQ-VAE tokenizer on frames sampled from videos.
 
 The story (:func:`train_tokenizer`): sample frames (train / held-out videos), build the model,
-resume from ``checkpoint.pt`` if present, else seed the codebook by k-means on encoder outputs; then
-loop over steps (reconstruction MSE + commitment loss, EMA codebook, dead-code restarts),
-checkpointing atomically every ``checkpoint_every`` steps; finally save the tokenizer, evaluate it
-on held-out frames (PSNR, perplexity, code usage) and draw originals over reconstructions.
+resume from the newest ``checkpoints/step-*.pt`` if present, else seed the codebook by k-means on
+encoder outputs; then loop over steps (reconstruction MSE + commitment loss, EMA codebook,
+dead-code restarts), checkpointing atomically every ``checkpoint_every`` steps; finally save the
+tokenizer, evaluate it on held-out frames (PSNR, perplexity, code usage) and draw originals over
+reconstructions.
 
 All randomness comes from one ``torch.Generator`` seeded by ``spec.seed`` and saved in the
 checkpoint, so on CPU a resumed run ends with exactly the weights of an uninterrupted one.
+Checkpoints go through :class:`vimpac.common.checkpoint.Checkpointer`, like the other trainers': a
+resume with a changed spec field is refused naming it, except the volatile ones (``steps``,
+``checkpoint_every``, ``eval_batch_size``, ``num_threads``), whose change is logged.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vimpac.common.checkpoint import Checkpointer
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.video import DecodeSpec, VideoError, decode_video
@@ -34,7 +39,7 @@ from vimpac.tokenize.vqvae import VQConfig, VQTokenizer, eval_mode
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.json"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
@@ -54,7 +59,8 @@ class TokenizerTrainSpec:
     fps: float = 4.0  # frame sampling rate when decoding videos (paper tokens: 2)
     frames_per_video: int = 64  # at most this many frames per video (evenly spaced)
     holdout: float = 0.1  # fraction of videos held out for evaluation (at least one video)
-    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
+    # optimizer steps in total (volatile: a resumed run may continue to more)
+    steps: int = field(default=1000, metadata={"volatile": True})
     batch_size: int = 16  # frames per step
     lr: float = 2e-3  # peak Adam learning rate (linear warm-up, cosine decay to 10%)
     warmup_steps: int = 20  # linear learning-rate warm-up
@@ -62,9 +68,11 @@ class TokenizerTrainSpec:
     kmeans_iters: int = 10  # Lloyd iterations of the k-means initialisation
     dead_code_steps: int = 50  # a code unused for this many steps is re-seeded
     hflip: bool = True  # random horizontal flips of training frames
-    checkpoint_every: int = 200  # steps between atomic checkpoints (0: only at the end)
-    eval_batch_size: int = 64  # frames per batch when evaluating
-    num_threads: int = 0  # torch.set_num_threads for training (0: leave torch's setting)
+    # steps between atomic checkpoints (0: only at the end)
+    checkpoint_every: int = field(default=200, metadata={"volatile": True})
+    eval_batch_size: int = field(default=64, metadata={"volatile": True})  # frames per batch
+    # torch.set_num_threads for training (0: leave torch's setting)
+    num_threads: int = field(default=0, metadata={"volatile": True})
     seed: int = 0  # seeds model init, batch order, flips, k-means and code restarts
 
     def __post_init__(self) -> None:
@@ -91,10 +99,6 @@ TOKENIZER_PRESETS: dict[str, TokenizerTrainSpec] = {
                                steps=20000, batch_size=64, lr=1e-3, frames_per_video=256,
                                init_frames=4096, dead_code_steps=100, checkpoint_every=1000),
 }
-
-# Spec fields that may differ between a checkpoint and the run that resumes it.
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "eval_batch_size", "num_threads"}
-
 
 # --------------------------------------------------------------------------- frames
 
@@ -188,41 +192,34 @@ class TrainState:
         self.losses: list[float] = []  # reconstruction MSE per step
         self.restarted = 0  # dead codes re-seeded so far
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rng": self.generator.get_state(), "step": self.step, "losses": self.losses,
-                "restarted": self.restarted, "spec": dataclasses.asdict(self.spec)}
+    def parts(self) -> dict[str, Any]:
+        """What a checkpoint holds state dicts of."""
+        return {"model": self.model, "optimizer": self.optimizer,
+                "generator": _GeneratorState(self.generator)}
 
-    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        _check_spec_compatible(state["spec"], self.spec, source)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["rng"])
-        self.step, self.losses = int(state["step"]), list(state["losses"])
-        self.restarted = int(state["restarted"])
+    def save(self, ckpt: Checkpointer) -> None:
+        ckpt.save(self.step, self.parts(), {"losses": self.losses, "restarted": self.restarted})
 
-
-def _check_spec_compatible(saved: dict[str, Any], spec: TokenizerTrainSpec, source: str) -> None:
-    current = dataclasses.asdict(spec)
-    changed = sorted(k for k in current.keys() | saved.keys()
-                     if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ValueError(f"{source}: checkpoint was written with a different spec ({diffs}); "
-                         "use a new output directory or delete the checkpoint")
+    def resume(self, ckpt: Checkpointer) -> bool:
+        resumed = ckpt.resume(self.parts())
+        if resumed is None:
+            return False
+        self.step, self.losses = resumed.step, [float(x) for x in resumed.state["losses"]]
+        self.restarted = int(resumed.state["restarted"])
+        return True
 
 
-def save_checkpoint(state: TrainState, path: Path) -> None:
-    """torch.save the state to a temporary file, then rename it over ``path`` (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state.state_dict(), tmp)
-    os.replace(tmp, path)
+class _GeneratorState:
+    """A torch.Generator seen as a checkpoint part."""
 
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
 
-def load_checkpoint(state: TrainState, path: Path) -> None:
-    """Restore ``state`` from ``path`` (tensors and plain containers only: weights_only=True)."""
-    state.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
-    log.info("resumed tokenizer training from %s at step %d", path, state.step)
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 # --------------------------------------------------------------------------- steps
@@ -266,7 +263,7 @@ def train_step(state: TrainState, x: torch.Tensor) -> float:
     return state.losses[-1]
 
 
-def train_loop(state: TrainState, frames: torch.Tensor, checkpoint: Path,
+def train_loop(state: TrainState, frames: torch.Tensor, ckpt: Checkpointer,
                progress: Progress = NULL_PROGRESS) -> None:
     """Run steps state.step .. spec.steps, checkpointing every spec.checkpoint_every steps."""
     spec = state.spec
@@ -277,11 +274,11 @@ def train_loop(state: TrainState, frames: torch.Tensor, checkpoint: Path,
         loss = train_step(state, sample_batch(frames, spec, state.generator))
         task.advance(1, loss=f"{loss:.4f}")
         if spec.checkpoint_every and state.step % spec.checkpoint_every == 0:
-            save_checkpoint(state, checkpoint)
+            state.save(ckpt)
             log.info("step %d: recon mse %.4f, codes restarted %d", state.step, loss,
                      state.restarted)
     task.close()
-    save_checkpoint(state, checkpoint)
+    state.save(ckpt)
     state.model.eval()
 
 
@@ -347,7 +344,7 @@ def train_tokenizer(video_paths: list[str], spec: TokenizerTrainSpec, out_dir: s
                     *, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Train on frames of ``video_paths``; write tokenizer/, metrics.json, reconstructions.png.
 
-    Resumes from ``out_dir/checkpoint.pt`` when it exists. Returns the metrics dict.
+    Resumes from ``out_dir/checkpoints`` when it holds a checkpoint. Returns the metrics dict.
     """
     train, held = sample_frames(video_paths, spec, progress=progress)
     return train_tokenizer_on_frames(train, held, spec, out_dir, progress=progress)
@@ -362,13 +359,14 @@ def train_tokenizer_on_frames(train: np.ndarray, held: np.ndarray, spec: Tokeniz
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
     frames = torch.from_numpy(np.ascontiguousarray(train))
-    state, checkpoint = TrainState(spec), out / CHECKPOINT_FILE
-    if checkpoint.exists():
-        load_checkpoint(state, checkpoint)
+    state = TrainState(spec)
+    ckpt = Checkpointer(out / CHECKPOINT_DIR, spec, keep=1)
+    if state.resume(ckpt):
+        log.info("resumed tokenizer training at step %d", state.step)
     else:
         init_codebook(state, frames)
     started = time.perf_counter()
-    train_loop(state, frames, checkpoint, progress)
+    train_loop(state, frames, ckpt, progress)
     seconds = time.perf_counter() - started
     save_tokenizer(state.model, out / TOKENIZER_DIR)
     eval_frames = held if len(held) else train
