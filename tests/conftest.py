@@ -86,3 +86,46 @@ def write_token_archive(root, *, videos=12, frames=(3, 12), grid=8, codebook=64,
 
     write_archive(root, settings, videos_(), videos_per_shard=per_shard, chunk_frames=4)
     return root
+
+
+# ------------------------------------------------------------------ tampering with archives
+
+def resign(root):
+    """Recompute every shard checksum in the archive's manifests from the files now on disk, as
+    a buggy tool or an attacker with write access would after rewriting shards."""
+    import json
+
+    from vimpac.common.fileio import sha256_file
+
+    for manifest in (root / "manifests").glob("*.json"):
+        data = json.loads(manifest.read_text())
+        for shard in data["shards"]:
+            for fmt, files in shard["files"].items():
+                entries = {"/".join(rel.split("/")[:2]) for rel in files}   # zarr/<shard>.zarr
+                paths = [p for e in entries for p in ([root / e] if (root / e).is_file() else
+                                                      sorted((root / e).rglob("*")))]
+                shard["files"][fmt] = {p.relative_to(root).as_posix(): sha256_file(p)
+                                       for p in paths if p.is_file()}
+        manifest.write_text(json.dumps(data))
+
+
+def tar_members(path):
+    """{name: bytes} of the regular files of a tar."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def write_tar(path, members):
+    """A plain USTAR tar of ``members`` ({name: bytes}) at ``path``."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())

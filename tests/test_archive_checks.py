@@ -12,7 +12,6 @@ import io
 import json
 import resource
 import shutil
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,11 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_token_archive
+from conftest import resign, tar_members, write_tar, write_token_archive
 
 from vimpac.archive import Archive, ArchiveError, ShardError, open_archives, verify
 from vimpac.cli import cli
 from vimpac.common.config import ConfigError
-from vimpac.common.fileio import sha256_file
 from vimpac.config import load_pipeline
 from vimpac.data.inputs import collect_inputs
 from vimpac.pretrain.data import ClipStream, StreamSpec
@@ -45,32 +43,6 @@ def edit_manifest(root: Path, change: Any) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-
-
-def resign(root: Path) -> None:
-    """Recompute every shard checksum in the manifest from the files on disk (an attacker's
-    or a buggy tool's rewrite that kept the manifest consistent)."""
-    def change(data: dict) -> None:
-        for shard in data["shards"]:
-            for fmt, files in shard["files"].items():
-                shard["files"][fmt] = {rel: sha256_file(root / rel) for rel in files
-                                       if (root / rel).is_file()}
-    edit_manifest(root, change)
-
-
-def tar_members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
 
 
 def npy(array: np.ndarray) -> bytes:

@@ -25,12 +25,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import write_token_archive
+from conftest import resign, tar_members, write_tar, write_token_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vimpac.archive import Archive, ArchiveError, verify
-from vimpac.common.fileio import sha256_file
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=60,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -58,16 +57,6 @@ def fresh(pristine: tuple[Path, dict], tmp_path: Path):
 
 def manifest(root: Path) -> Path:
     return next((root / "manifests").glob("*.json"))
-
-
-def resign(root: Path) -> None:
-    path = manifest(root)
-    data = json.loads(path.read_text())
-    for shard in data["shards"]:
-        for fmt, files in shard["files"].items():
-            shard["files"][fmt] = {rel: sha256_file(root / rel) for rel in files
-                                   if (root / rel).is_file()}
-    path.write_text(json.dumps(data))
 
 
 def check_outcome(root: Path, original: dict[str, np.ndarray], values_may_change: bool) -> None:
@@ -257,13 +246,6 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _replace_member(root: Path, name: str, data: bytes) -> None:
-    with tarfile.open(tar_path(root)) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    members = tar_members(tar_path(root))
     members[name] = data
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for member, raw in members.items():
-            info = tarfile.TarInfo(member)
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    tar_path(root).write_bytes(buf.getvalue())
+    write_tar(tar_path(root), members)

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_test_video, write_token_archive
+from conftest import make_test_video, resign, tar_members, write_tar, write_token_archive
 
 from vimpac.archive import Archive, ArchiveError, ChecksumError, verify
 from vimpac.archive import reader as archive_reader
@@ -351,33 +350,12 @@ def test_truncated_manifest_is_named(tokens: Path, config_file: Path, tmp_path: 
 
 def _rewrite_tar(root: Path, shard: str, change: Any) -> None:
     """Rebuild ``wds/<shard>.tar`` with ``change(members)`` applied and fix the manifest's
-    checksum, as an attacker with write access to the archive would."""
+    checksums, as an attacker with write access to the archive would."""
     path = root / "wds" / f"{shard}.tar"
-    with tarfile.open(path) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    members = tar_members(path)
     change(members)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    _fix_manifest(root, shard, "webdataset")
-
-
-def _fix_manifest(root: Path, shard: str, fmt: str) -> None:
-    """Recompute the manifest's checksums of one shard from the files now on disk."""
-    (manifest,) = (root / "manifests").glob("*.json")
-    data = json.loads(manifest.read_text())
-    if fmt == "webdataset":
-        files = [root / "wds" / f"{shard}.tar"]
-    else:
-        files = [p for p in sorted((root / "zarr" / f"{shard}.zarr").rglob("*")) if p.is_file()]
-    for record in data["shards"]:
-        if record["name"] == shard:
-            record["files"][fmt] = {str(p.relative_to(root)): sha256_file(p) for p in files}
-    manifest.write_text(json.dumps(data))
+    write_tar(path, members)
+    resign(root)
 
 
 @pytest.fixture
@@ -459,7 +437,7 @@ def test_zarr_v2_pickle_codec_shard_is_refused(tmp_path: Path) -> None:
     evil = np.empty(1, dtype=object)
     evil[0] = Payload(marker)
     (shard / "tokens" / "s1_center" / "0").write_bytes(numcodecs.Pickle().encode(evil))
-    _fix_manifest(root, "shard-w00000-000000", "zarr")
+    resign(root)
     assert verify(root).ok
     with pytest.raises(ArchiveError, match="cannot open zarr shard"):
         Archive(root).open_shard("shard-w00000-000000", "zarr")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media_builders import vfr_args, with_rotation
+from media_builders import lavfi, run_ffmpeg, vfr_args, with_rotation
 
 from vimpac.common import video
 from vimpac.common.ffmpeg_exe import ffmpeg_exe, fps_mode_args
@@ -38,22 +38,12 @@ FAST_X264 = ("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p")
 # ----------------------------------------------------------------------------- video makers
 
 
-def _ffmpeg(*args: str, stdin: bytes | None = None) -> None:
-    nostdin = ["-nostdin"] if stdin is None else []
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", *nostdin, *args], input=stdin, check=True,
-                   timeout=60)
-
-
-def _lavfi(out: Path, source: str, *args: str) -> Path:
-    """Encode a lavfi source (testsrc2, color, sine, ...) into ``out``."""
-    _ffmpeg("-f", "lavfi", "-i", source, *args, str(out))
-    return out
 
 
 def _encode_rgb(out: Path, frames: np.ndarray, rate: float, *args: str) -> Path:
     """Encode uint8 frames ``[n, h, w, 3]`` (piped as raw rgb24) into ``out``."""
     n, h, w, _ = frames.shape
-    _ffmpeg("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "-",
+    run_ffmpeg("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "-",
             *args, str(out), stdin=np.ascontiguousarray(frames).tobytes())
     return out
 
@@ -66,25 +56,25 @@ def _noise_frames() -> np.ndarray:
 def vids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("videos")
     v: dict[str, Path] = {}
-    v["av"] = _lavfi(d / "av.mp4", "testsrc2=size=64x48:rate=25:duration=2", "-f", "lavfi",
+    v["av"] = lavfi(d / "av.mp4", "testsrc2=size=64x48:rate=25:duration=2", "-f", "lavfi",
                      "-i", "sine=duration=2", *FAST_X264, "-c:a", "aac", "-shortest")
-    v["vp9"] = _lavfi(d / "v.webm", "testsrc2=size=64x48:rate=25:duration=1", "-c:v",
+    v["vp9"] = lavfi(d / "v.webm", "testsrc2=size=64x48:rate=25:duration=1", "-c:v",
                       "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8")
-    v["avi"] = _lavfi(d / "v.avi", "testsrc2=size=64x48:rate=25:duration=1", "-c:v", "mpeg4")
-    v["odd"] = _lavfi(d / "odd.mp4", "testsrc=size=101x67:rate=10:duration=1", "-c:v",
+    v["avi"] = lavfi(d / "v.avi", "testsrc2=size=64x48:rate=25:duration=1", "-c:v", "mpeg4")
+    v["odd"] = lavfi(d / "odd.mp4", "testsrc=size=101x67:rate=10:duration=1", "-c:v",
                       "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p")
     v["noise"] = _encode_rgb(d / "noise.mp4", _noise_frames(), 4, "-c:v", "libx264rgb", "-qp", "0")
     v["rot90"] = with_rotation(v["noise"], d / "rot90.mp4", 90)   # display matrix, any ffmpeg
     v["rot270"] = with_rotation(v["noise"], d / "rot270.mp4", 270)
     # 50 frames at 25 fps, keeping n % 5 in {0, 1}: 20 frames at irregular intervals.
-    v["vfr"] = _lavfi(d / "vfr.mkv", "testsrc2=size=64x48:rate=25:duration=2", "-vf",
+    v["vfr"] = lavfi(d / "vfr.mkv", "testsrc2=size=64x48:rate=25:duration=2", "-vf",
                       "select='lt(mod(n\\,5)\\,2)'", *vfr_args(), *FAST_X264)
-    v["one"] = _lavfi(d / "one.mp4", "testsrc2=size=64x48:rate=25", "-frames:v", "1", *FAST_X264)
-    v["one_late"] = _lavfi(d / "one_late.mkv", "testsrc2=size=64x48:rate=25", "-frames:v", "1",
+    v["one"] = lavfi(d / "one.mp4", "testsrc2=size=64x48:rate=25", "-frames:v", "1", *FAST_X264)
+    v["one_late"] = lavfi(d / "one_late.mkv", "testsrc2=size=64x48:rate=25", "-frames:v", "1",
                            "-output_ts_offset", "0.3", "-c:v", "mpeg4")
-    v["audio"] = _lavfi(d / "audio.m4a", "sine=duration=1", "-c:a", "aac")
-    v["mp3"] = _lavfi(d / "audio.mp4", "sine=duration=1", "-f", "mp3")  # mp3 named .mp4
-    v["cover"] = _lavfi(d / "cover.m4a", "sine=duration=1", "-f", "lavfi", "-i",
+    v["audio"] = lavfi(d / "audio.m4a", "sine=duration=1", "-c:a", "aac")
+    v["mp3"] = lavfi(d / "audio.mp4", "sine=duration=1", "-f", "mp3")  # mp3 named .mp4
+    v["cover"] = lavfi(d / "cover.m4a", "sine=duration=1", "-f", "lavfi", "-i",
                         "color=red:size=32x32:duration=1",     # finite: 4.2 never ends otherwise
                         "-frames:v", "1", "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "png",
                         "-disposition:v", "attached_pic")
@@ -225,7 +215,7 @@ def test_rotation_metadata_is_applied(vids: dict[str, Path], key: str, k: int) -
 
 @pytest.mark.parametrize("key", ["av", "vp9", "avi", "odd"])
 @pytest.mark.parametrize("fps", [None, 2.0, 4.0, 3.3])
-def test_frame_counts_match_ffmpeg(vids: dict[str, Path], key: str, fps: float | None) -> None:
+def test_frame_counts_matchrun_ffmpeg(vids: dict[str, Path], key: str, fps: float | None) -> None:
     frames = decode_video(vids[key], DecodeSpec(fps=fps, shorter_side=20, size=16))
     assert frames.dtype == np.uint8 and frames.shape[1:] == (16, 16, 3)
     assert frames.shape[0] == count_frames(vids[key], fps) > 0
@@ -350,7 +340,7 @@ def spawned(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen]:
     return procs
 
 
-def test_early_close_kills_and_reaps_ffmpeg(vids: dict[str, Path],
+def test_early_close_kills_and_reapsrun_ffmpeg(vids: dict[str, Path],
                                             spawned: list[subprocess.Popen]) -> None:
     # 50 frames of 64x64x3 = 600 kB: far more than a pipe buffer, so ffmpeg is still running.
     gen = decode_frames(vids["av"], DecodeSpec(fps=None, shorter_side=64, size=64), chunk_frames=2)
@@ -361,7 +351,7 @@ def test_early_close_kills_and_reaps_ffmpeg(vids: dict[str, Path],
     assert proc.returncode is not None and proc.stdout.closed
 
 
-def test_consumer_error_kills_ffmpeg(vids: dict[str, Path],
+def test_consumer_error_killsrun_ffmpeg(vids: dict[str, Path],
                                      spawned: list[subprocess.Popen]) -> None:
     def consume() -> None:
         for _ in decode_frames(vids["av"], DecodeSpec(fps=None, shorter_side=64, size=64),
@@ -404,7 +394,7 @@ def test_consumer_time_is_not_charged(vids: dict[str, Path]) -> None:
     assert n == 8
 
 
-def test_cancel_stops_a_hung_ffmpeg(vids: dict[str, Path], tmp_path: Path,
+def test_cancel_stops_a_hungrun_ffmpeg(vids: dict[str, Path], tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch,
                                     spawned: list[subprocess.Popen]) -> None:
     fake = tmp_path / "ffmpeg"

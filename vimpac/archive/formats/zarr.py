@@ -224,7 +224,10 @@ class ZarrShard:
             self._direct[view] = self._open_direct(view)
         return self._direct[view]
 
-    def _open_direct(self, view: str) -> _DirectView | None:
+    def _writer_view(self, view: str) -> tuple[int, int, int, tuple[int, int]] | None:
+        """(frames, inner chunk, shard frames, grid) of ``view`` when its zarr.json is in the
+        writer's layout, checked against the manifest before anything is allocated; None for
+        any other layout (zarr's path then reads it, or refuses it by name)."""
         meta = self._meta(f"tokens/{view}/zarr.json")
         layout = _writer_layout(meta) if meta is not None else None
         if layout is None:
@@ -236,6 +239,13 @@ class ZarrShard:
                              f"{self.layout.grid[0]}, {self.layout.grid[1]}]")
         if not _bounded_chunks(frames, chunk, shard, 2 * h * w):
             return None
+        return frames, chunk, shard, (h, w)
+
+    def _open_direct(self, view: str) -> _DirectView | None:
+        layout = self._writer_view(view)
+        if layout is None:
+            return None
+        frames, chunk, shard, (h, w) = layout
         name = f"tokens/{view}/c/0/0/0"
         size = _size(self.source, name)
         index_bytes = 16 * (shard // chunk)              # (offset, nbytes) uint64 per chunk
@@ -281,17 +291,10 @@ class ZarrShard:
         """The whole view decoded without zarr when in the writer's layout; None otherwise."""
         from numcodecs import Zstd
 
-        meta = self._meta(f"tokens/{view}/zarr.json")
-        layout = _writer_layout(meta) if meta is not None else None
+        layout = self._writer_view(view)
         if layout is None:
             return None
         frames, chunk, shard, (h, w) = layout
-        if frames != self.layout.total_frames or (h, w) != self.layout.grid:
-            raise ShardError(f"{self.path}: tokens/{view} declares [{frames}, {h}, {w}], the "
-                             f"manifest records [{self.layout.total_frames}, "
-                             f"{self.layout.grid[0]}, {self.layout.grid[1]}]")
-        if not _bounded_chunks(frames, chunk, shard, 2 * h * w):
-            return None                                  # zarr's path refuses it by name
         try:
             data = self.source.raw(f"tokens/{view}/c/0/0/0")
         except (OSError, KeyError):
