@@ -1,10 +1,14 @@
 """The VIMPAC backbone and heads: vocabulary ids, paper parameter counts, shapes, gradients, [PAD]
-isolation, position interpolation, layouts."""
+isolation, position interpolation, layouts, and equality with the official model's outputs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +199,84 @@ def test_classifier_head_starts_at_zero_and_sync_bn_conversion() -> None:
     assert not head(torch.randn(3, TINY.dim)).any()
     model = to_sync_batchnorm(VimpacPretrainModel(TINY, proj_hidden=64))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+# ------------------------------------------------------------------ the official model's outputs
+
+OFFICIAL = Path(__file__).parent / "fixtures" / "official-vimpac"
+# official name (after "backbone.transformer.resblocks.<i>.") -> ours (after "backbone.layers.<i>.")
+_LAYER_NAMES = [
+    (r"attention_blocks\.(\d+)\.output\.dense\.", r"attention.\1.dense."),
+    (r"attention_blocks\.(\d+)\.output\.LayerNorm\.", r"attention.\1.ln."),
+    (r"mlp\.c_fc\.", "mlp.fc1."), (r"mlp\.c_proj\.", "mlp.fc2."), (r"ln\.", "mlp.ln."),
+]
+_TOP_NAMES = {
+    "backbone.embedding.weight": "backbone.token_embed.weight",
+    "backbone.positional_embedding.temporal_pos_embedding": "backbone.pos_t",
+    "backbone.positional_embedding.height_pos_embedding": "backbone.pos_h",
+    "backbone.positional_embedding.width_pos_embedding": "backbone.pos_w",
+    "backbone.ln_pre.weight": "backbone.embed_ln.weight",
+    "backbone.ln_pre.bias": "backbone.embed_ln.bias",
+    "mlm_head.transform.0.weight": "mlm_head.dense.weight",
+    "mlm_head.transform.0.bias": "mlm_head.dense.bias",
+    "mlm_head.transform.2.weight": "mlm_head.ln.weight",
+    "mlm_head.transform.2.bias": "mlm_head.ln.bias",
+    "mlm_head.decoder.weight": "mlm_head.decoder_weight",  # tied to the embedding
+    "mlm_head.bias": "mlm_head.bias", "backbone.cls_param": "backbone.cls_param",
+}
+_QKV = re.compile(r"backbone\.transformer\.resblocks\.(\d+)\.attention_blocks\.(\d+)"
+                  r"\.attentions\.(\d+)\.attention\.query\.(weight|bias)")
+
+
+def _official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official ``ModelWithHead`` state dict; q, k, v are fused into one projection."""
+    out = {"backbone.pos_cls": state["backbone.positional_embedding.cls_pos_embedding"][0]}
+    for name, value in state.items():
+        layer = re.match(r"backbone\.transformer\.resblocks\.(\d+)\.(.*)", name)
+        head = re.match(r"cls_head\.mlp\.(linear|bn)_(\d+)\.(.*)", name)
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = value
+        elif head:  # nn.Sequential: Linear, BatchNorm1d, ReLU per hidden layer
+            index = 3 * int(head[2]) + (head[1] == "bn")
+            out[f"contrastive_head.mlp.{index}.{head[3]}"] = value
+        elif layer and ".attention." not in name:
+            for pattern, ours in _LAYER_NAMES:
+                if re.match(pattern, layer[2]):
+                    out[f"backbone.layers.{layer[1]}." + re.sub(pattern, ours, layer[2])] = value
+                    break
+        elif (qkv := _QKV.match(name)):
+            prefix = name.rsplit(".query.", 1)[0]
+            out[f"backbone.layers.{qkv[1]}.attention.{qkv[2]}.branches.{qkv[3]}.qkv.{qkv[4]}"] = \
+                torch.cat([state[f"{prefix}.{p}.{qkv[4]}"] for p in ("query", "key", "value")])
+    return out
+
+
+def _official_model(folder: Path) -> VimpacPretrainModel:
+    args = json.loads((folder / "args.txt").read_text())
+    hid = args["hid_dim"]
+    config = ModelConfig(
+        codebook_size=args["vocab_size"] - 5, layers=args["layers"], dim=hid, heads=args["heads"],
+        mlp_dim=hid * (2 if args["halve_mlp"] else 4),
+        att_dim=hid // 2 if args["halve_att"] else None, frames=args["clip_len"],
+        height=args["grid"], width=args["grid"], layout=args["layout"])
+    model = VimpacPretrainModel(config, proj_hidden=args["proj_hid"],
+                                proj_layers=args["proj_layers"], proj_dim=args["proj_out"])
+    state = torch.load(folder / "classifier.pt", weights_only=True)
+    model.load_state_dict(_official_to_ours(state), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["normal", "halved"])
+def test_official_weights_give_the_official_outputs_in_float32(variant: str) -> None:
+    model = _official_model(OFFICIAL / variant)
+    arrays = np.load(OFFICIAL / variant / "expected.npz")
+    expected = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tokens = expected["tokens"]
+    assert (tokens == model.config.pad_id).any() and (tokens == model.config.mask_id).any()
+    with torch.no_grad():
+        out = model(tokens, tokens == model.config.mask_id)
+        _, hidden = model.backbone(tokens)
+    for ours, theirs in (("cls", "cls"), ("proj", "projection"),
+                         ("mlm_logits", "mlm_logits_at_mask")):
+        torch.testing.assert_close(out[ours], expected[theirs], rtol=0, atol=4e-6, msg=ours)
+    torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=4e-6)
