@@ -15,7 +15,9 @@ import torch
 from vimpac.pretrain.losses import pretrain_loss
 from vimpac.pretrain.masking import apply_mask, block_mask
 from vimpac.pretrain.model import (
+    ATTENTION_KERNELS,
     PRESETS,
+    AxialAttention,
     ClassifierHead,
     ModelConfig,
     VimpacBackbone,
@@ -185,6 +187,30 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(),
                                  strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["T,H|W", "THW", "H|W,T"])
+def test_attention_kernels_give_the_same_outputs_and_gradients(layout: str) -> None:
+    """The plain matmul + softmax kernel and PyTorch's SDPA agree in float64, [PAD] included."""
+    config = dataclasses.replace(TINY, dropout=0.0, layout=layout)
+    tokens = _tokens(3, config)
+    tokens[1, 3:] = config.pad_id
+    tokens[2, :, 2, 5] = config.pad_id
+    results = []
+    for kernel in ATTENTION_KERNELS:
+        torch.manual_seed(0)
+        model = VimpacBackbone(config).double()
+        for module in model.modules():
+            if isinstance(module, AxialAttention):
+                module.kernel = kernel
+        cls, features = model(tokens)
+        (cls.square().sum() + features.sin().mean()).backward()
+        results.append((cls, features, {n: p.grad for n, p in model.named_parameters()}))
+    (cls_a, feat_a, grads_a), (cls_b, feat_b, grads_b) = results
+    torch.testing.assert_close(cls_a, cls_b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(feat_a, feat_b, rtol=0, atol=1e-12)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_bad_layouts_are_rejected_with_the_value() -> None:
