@@ -7,6 +7,10 @@
   :class:`torch.utils.flop_counter.FlopCounterMode` on one step; utilisation (MFU) is given against
   a dense matmul measured on this machine in the same run (CPUs have no datasheet peak we can
   trust), in fp32 and bf16.
+* **model vs before** (issue 21): the ``small`` fp32 step now against the model file at
+  :data:`benchmarks.model_ab.BASELINE_REV` (before the attention layout change), both in this
+  process, steps alternating (:func:`benchmarks.model_ab.paired_step_times`); skipped with a note
+  where git or that revision is not available.
 """
 
 from __future__ import annotations
@@ -107,6 +111,24 @@ def mask_times(videos: int, reps: int) -> list[float]:
     return out
 
 
+def versus_before(preset: str, videos: int, rounds: int) -> tuple[list, dict]:
+    """(figures, details) of this checkout's model against the model before issue 21."""
+    from benchmarks.model_ab import BASELINE_REV, paired_step_times
+
+    specs = ("now", f"rev:{BASELINE_REV}")
+    try:
+        t = paired_step_times(specs, preset, videos, rounds, bf16=False)
+    except RuntimeError as exc:             # no git, or a checkout without that revision
+        return [], {"versus_before": f"skipped: {exc}"}
+    clips = 2 * videos
+    fig = ratio_figure("training", f"{preset} fp32 clips/s vs the model at {BASELINE_REV}",
+                       [clips / s for s in t[specs[0]]], "clips/s",
+                       [clips / s for s in t[specs[1]]], f"model at {BASELINE_REV}",
+                       note="same weights and batches, steps alternating in one process; "
+                            f"{BASELINE_REV} = before the attention layout change (issue 21)")
+    return [fig], {"versus_before_seconds": t}
+
+
 def run(scale: Scale, work: Path) -> BenchResult:
     b, steps = scale.train_batch, scale.train_steps
     clips = 2 * b
@@ -141,4 +163,6 @@ def run(scale: Scale, work: Path) -> BenchResult:
                                                            "tiny": flops_tiny},
                "matmul_peak_flops": {"fp32": peak32, "bf16": peak16},
                "micro_batch_videos": b, "torch_threads": torch.get_num_threads()}
-    return BenchResult("training", figures, details)
+    before_figs, before_details = versus_before(big, b, max(3, steps + 1))
+    details.update(before_details)
+    return BenchResult("training", figures + before_figs, details)

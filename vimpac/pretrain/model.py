@@ -153,6 +153,14 @@ def _from_sequences(y: Tensor, axis: str, grid: tuple[int, int, int]) -> Tensor:
     return y.permute(*inverse, *range(4, y.dim()))
 
 
+def _cls_first(tokens: Tensor, cls: Tensor, axis: str) -> Tensor:
+    """tokens [B, T, H, W, heads, hd], cls [B, heads, hd] -> [B*a*b, heads, 1+L, hd]: every
+    sequence along ``axis`` with the CLS in front, in one copy."""
+    seq = _sequences(tokens, axis).transpose(3, 4)  # [B, a, b, heads, L, hd], a view
+    cls = cls[:, None, None, :, None].expand(*seq.shape[:4], 1, -1)  # [B, a, b, heads, 1, hd]
+    return torch.cat([cls, seq], dim=4).flatten(0, 2)
+
+
 def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout: float
                    ) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with [PAD] keys masked, as the paper and official code compute
@@ -179,7 +187,8 @@ class AxialAttention(nn.Module):
     """Multi-head self-attention along one axis, CLS prepended to every sequence (eqs. 9-13).
 
     q, k, v are projected once per token and once for the CLS (its projection is the same in
-    every sequence), then copied once into sequence order with the CLS in front. Returns the
+    every sequence), then each is copied once into sequence order with the CLS in front (their
+    gradients meet again in the projection's own layout, with no copy back). Returns the
     attention outputs before the output projection: tokens ``[B, T, H, W, heads, head_dim]``
     (a view) and the CLS outputs averaged over all sequences ``[B, heads * head_dim]``.
     """
@@ -192,13 +201,10 @@ class AxialAttention(nn.Module):
 
     def forward(self, x: Tensor, cls: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """x [B,T,H,W,D], cls [B,D], pad [B,T,H,W] (True = [PAD] key) or None."""
-        qkv = _sequences(self.qkv(x).unflatten(-1, (3, self.heads, -1)), self.axis)
-        b, na, nb, length = qkv.shape[:4]  # qkv [B, a, b, L, 3, heads, hd], a view
-        qkv_cls = self.qkv(cls).unflatten(-1, (3, self.heads, -1))  # [B, 3, heads, hd]
-        qkv_cls = qkv_cls.transpose(0, 1)[:, :, None, None, :, None]  # [3, B, 1, 1, heads, 1, hd]
-        seq = torch.cat([qkv_cls.expand(-1, -1, na, nb, -1, -1, -1),
-                         qkv.permute(4, 0, 1, 2, 5, 3, 6)], dim=5)  # [3, B, a, b, heads, 1+L, hd]
-        q, k, v = seq.flatten(1, 3).unbind(0)  # each [N = B*a*b, heads, 1+L, hd], contiguous
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(4)  # 3 x [B,T,H,W,heads,hd]
+        qkv_cls = self.qkv(cls).unflatten(-1, (3, self.heads, -1)).unbind(1)  # 3 x [B,heads,hd]
+        q, k, v = (_cls_first(t, c, self.axis) for t, c in zip(qkv, qkv_cls, strict=True))
+        b, na, nb, length = _sequences(x, self.axis).shape[:4]
         keep = None
         if pad is not None:
             keep = ~_sequences(pad, self.axis).flatten(0, 2)  # [N, L]
