@@ -1,10 +1,13 @@
 """Where one pre-training step goes: a ``torch.profiler`` breakdown by op and by kind of op.
 
 ``python -m benchmarks.profile_step [--preset small --preset base] [--videos 2] [--dtype fp32
---dtype bf16] [--device cpu|cuda] [--top 12] [--out profile.json]``
+--dtype bf16] [--variant now --variant rev:e7d81dd] [--device cpu|cuda] [--top 12]
+[--out profile.json]``
 
-For each (preset, dtype) it builds the model as the training benchmark does (T5/16x16, AdamW,
-block masking; ``--videos`` videos = 2x clips per micro-batch), runs one warm-up step, then
+For each (variant, preset, dtype) it builds the model as the training benchmark does (T5/16x16,
+AdamW, block masking; ``--videos`` videos = 2x clips per micro-batch; variants as in
+:mod:`benchmarks.model_ab`: this checkout, one attention kernel, or the model file at a git
+revision), runs one warm-up step, then
 
 * times ``--steps`` steps under ``torch.profiler`` (self time per aten op: CPU time, or the
   GPU kernel time of the op on CUDA), and
@@ -33,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.training import build, make_batch, mask, train_step
+from benchmarks.training import make_batch, mask, train_step
 
 # Kind of each aten op (names without the "aten::" prefix); anything else is "other".
 KINDS: dict[str, str] = {
@@ -180,10 +183,15 @@ class Profile:
     preset: str
     dtype: str
     videos: int
+    variant: str
     step_s: float
     op_s: dict[str, float]
     costs: dict[str, OpCost] = field(default_factory=dict)
     cost_step_s: float = 0.0                # wall time of the step run under CostMode
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} {self.dtype}" + ("" if self.variant == "now" else f" {self.variant}")
 
     def kinds(self) -> dict[str, float]:
         shares: dict[str, float] = defaultdict(float)
@@ -193,7 +201,8 @@ class Profile:
 
     def to_json(self) -> dict[str, Any]:
         return {"preset": self.preset, "dtype": self.dtype, "videos": self.videos,
-                "step_s": self.step_s, "profiler_self_s": self.op_s, "kinds_s": self.kinds(),
+                "variant": self.variant, "step_s": self.step_s, "profiler_self_s": self.op_s,
+                "kinds_s": self.kinds(),
                 "costs": {k: vars(v) for k, v in self.costs.items()},
                 "cost_step_s": self.cost_step_s}
 
@@ -203,12 +212,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_config(preset: str, dtype: str, videos: int, steps: int, device: str) -> Profile:
+def profile_config(preset: str, dtype: str, videos: int, steps: int, device: str,
+                   variant: str = "now") -> Profile:
     """Warm up, profile ``steps`` steps, then cost one more step op by op."""
     from torch.profiler import ProfilerActivity, profile
 
+    from benchmarks.model_ab import build_variant
+
     bf16 = dtype == "bf16"
-    model = build(preset).to(device).train()
+    model = build_variant(variant, preset, {}).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     gen = torch.Generator().manual_seed(0)
     tokens = make_batch(model, videos).to(device)
@@ -228,7 +240,8 @@ def profile_config(preset: str, dtype: str, videos: int, steps: int, device: str
     with mode:
         train_step(model, opt, tokens, *batches[-1], bf16)
     costs = mode.resolve()
-    return Profile(preset, dtype, videos, step_s, op_s, costs, time.perf_counter() - t0)
+    return Profile(preset, dtype, videos, variant, step_s, op_s, costs,
+                   time.perf_counter() - t0)
 
 
 def _self_times(prof: Any, device: str, steps: int) -> dict[str, float]:
@@ -247,7 +260,7 @@ def kinds_table(profiles: list[Profile]) -> str:
     """Share of profiled op time by kind, one column per configuration."""
     kinds = sorted({k for p in profiles for k in p.kinds()},
                    key=lambda k: -sum(p.kinds().get(k, 0.0) for p in profiles))
-    head = " | ".join(f"{p.preset} {p.dtype}" for p in profiles)
+    head = " | ".join(p.label for p in profiles)
     lines = [f"| kind of op | {head} |", "|---" * (len(profiles) + 1) + "|"]
     for kind in kinds:
         cells = []
@@ -263,7 +276,7 @@ def kinds_table(profiles: list[Profile]) -> str:
 def top_table(p: Profile, top: int) -> str:
     """The ``top`` ops (after autograd) by time, with FLOPs, bytes moved and FLOP per byte."""
     total = sum(c.seconds for c in p.costs.values())
-    lines = [f"`{p.preset}` {p.dtype}, {2 * p.videos} clips: ops timed one by one "
+    lines = [f"`{p.label}`, {2 * p.videos} clips: ops timed one by one "
              f"({total * 1e3:,.0f} ms of a {p.cost_step_s * 1e3:,.0f} ms step)", "",
              "| op | kind | calls | ms | share | GFLOP | MB moved | FLOP/byte | GB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -284,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                "large-half"))
     parser.add_argument("--dtype", action="append", choices=("fp32", "bf16"))
     parser.add_argument("--videos", type=int, default=2, help="videos per micro-batch (default 2)")
+    parser.add_argument("--variant", action="append",
+                        help="now (default), now:<kernel> or rev:<git revision>")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=12)
@@ -291,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.videos < 1 or args.steps < 1:
         parser.error("--videos and --steps must be >= 1")
-    profiles = [profile_config(preset, dtype, args.videos, args.steps, args.device)
+    profiles = [profile_config(preset, dtype, args.videos, args.steps, args.device, variant)
                 for preset in args.preset or ["small", "base"]
-                for dtype in args.dtype or ["fp32", "bf16"]]
+                for dtype in args.dtype or ["fp32", "bf16"]
+                for variant in args.variant or ["now"]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}\n")
     print(kinds_table(profiles) + "\n")
     for p in profiles:
