@@ -173,6 +173,6 @@ def run(scale: Scale, work: Path) -> BenchResult:
                                                            "tiny": flops_tiny},
                "matmul_peak_flops": {"fp32": peak32, "bf16": peak16},
                "micro_batch_videos": b, "torch_threads": torch.get_num_threads()}
-    before_figs, before_details = versus_before(big, b, max(3, steps + 1))
+    before_figs, before_details = versus_before(big, b, steps + 1)
     details.update(before_details)
     return BenchResult("training", figures + before_figs, details)

@@ -29,7 +29,7 @@ def _finite(stat):
 def test_harness_tiny_writes_every_benchmark(tmp_path):
     out = tmp_path / "out"
     _run([sys.executable, "-m", "benchmarks", "--scale", "tiny", "--out", str(out),
-          "--work", str(tmp_path / "work")], tmp_path, timeout=180)
+          "--work", str(tmp_path / "work")], tmp_path, timeout=400)
     data = json.loads((out / "bench.json").read_text())
     assert data["errors"] == {}
     assert set(data["benchmarks"]) == EXPECTED
