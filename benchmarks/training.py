@@ -3,14 +3,20 @@
 * **masking** (5b): :func:`block_mask` + :func:`apply_mask` for one micro-batch against the
   model's forward + backward on the same batch (``small`` at T5/16x16). Target < 1%.
 * **training** (5c): clips/s of forward + backward + AdamW step for ``small`` at T5/16x16 in fp32
-  and under bf16 autocast, and ``tiny`` (positions set to T5/16x16). Model FLOPs are counted with
+  and under bf16 autocast (their steps alternate, so the ratio is paired), and ``tiny``
+  (positions set to T5/16x16). Model FLOPs are counted with
   :class:`torch.utils.flop_counter.FlopCounterMode` on one step; utilisation (MFU) is given against
   a dense matmul measured on this machine in the same run (CPUs have no datasheet peak we can
   trust), in fp32 and bf16.
+* **model vs before** (issue 21): the ``small`` fp32 step now against the model file at
+  :data:`benchmarks.model_ab.BASELINE_REV` (before the attention layout change), both in this
+  process, steps alternating (:func:`benchmarks.model_ab.paired_step_times`); skipped with a note
+  where git or that revision is not available.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -60,24 +66,31 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch
     opt.zero_grad(set_to_none=True)
 
 
-def step_times(preset: str, videos: int, steps: int, bf16: bool) -> tuple[list[float], float]:
-    """(seconds per step for ``steps`` timed steps after one warm-up, FLOPs of one step)."""
+def step_times(preset: str, videos: int, steps: int, modes: tuple[bool, ...] = (False,)
+               ) -> tuple[dict[bool, list[float]], float]:
+    """Seconds per step, {bf16: [...]}, for ``steps`` timed steps per precision after one
+    warm-up each; with two precisions their steps alternate (paired ratios). Also the FLOPs of
+    one step (counted on the warm-up)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build(preset).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    runs = {}
+    for bf16 in modes:
+        model = build(preset).train()
+        runs[bf16] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
     gen = torch.Generator().manual_seed(0)
-    tokens = make_batch(model, videos)
-    inputs, targets = mask(model, tokens, gen)
+    tokens = make_batch(runs[modes[0]][0], videos)
     counter = FlopCounterMode(display=False)
-    with counter:
-        train_step(model, opt, tokens, inputs, targets, bf16)        # warm-up, counted
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        inputs, targets = mask(model, tokens, gen)
-        train_step(model, opt, tokens, inputs, targets, bf16)
-        times.append(time.perf_counter() - t0)
+    for bf16, (model, opt) in runs.items():
+        with counter if bf16 == modes[0] else contextlib.nullcontext():
+            train_step(model, opt, tokens, *mask(model, tokens, gen), bf16)     # warm-up
+    times: dict[bool, list[float]] = {bf16: [] for bf16 in modes}
+    for i in range(steps):
+        inputs, targets = mask(runs[modes[0]][0], tokens, gen)
+        for bf16 in (modes if i % 2 == 0 else modes[::-1]):
+            model, opt = runs[bf16]
+            t0 = time.perf_counter()
+            train_step(model, opt, tokens, inputs, targets, bf16)
+            times[bf16].append(time.perf_counter() - t0)
     return times, float(counter.get_total_flops())
 
 
@@ -107,13 +120,32 @@ def mask_times(videos: int, reps: int) -> list[float]:
     return out
 
 
+def versus_before(preset: str, videos: int, rounds: int) -> tuple[list, dict]:
+    """(figures, details) of this checkout's model against the model before issue 21."""
+    from benchmarks.model_ab import BASELINE_REV, paired_step_times
+
+    specs = ("now", f"rev:{BASELINE_REV}")
+    try:
+        t = paired_step_times(specs, preset, videos, rounds, bf16=False)
+    except RuntimeError as exc:             # no git, or a checkout without that revision
+        return [], {"versus_before": f"skipped: {exc}"}
+    clips = 2 * videos
+    fig = ratio_figure("training", f"{preset} fp32 clips/s vs the model at {BASELINE_REV}",
+                       [clips / s for s in t[specs[0]]], "clips/s",
+                       [clips / s for s in t[specs[1]]], f"model at {BASELINE_REV}",
+                       note="same weights and batches, steps alternating in one process; "
+                            f"{BASELINE_REV} = before the attention layout change (issue 21)")
+    return [fig], {"versus_before_seconds": t}
+
+
 def run(scale: Scale, work: Path) -> BenchResult:
     b, steps = scale.train_batch, scale.train_steps
     clips = 2 * b
     big = scale.train_model                     # "small" (tiny only at --scale tiny)
-    small32, flops_small = step_times(big, b, steps, bf16=False)
-    small16, _ = step_times(big, b, steps, bf16=True)
-    tiny32, flops_tiny = step_times("tiny", b, max(steps, 3), bf16=False)
+    small, flops_small = step_times(big, b, steps, (False, True))
+    small32, small16 = small[False], small[True]
+    tiny, flops_tiny = step_times("tiny", b, max(steps, 3))
+    tiny32 = tiny[False]
     masking = mask_times(b, max(20, 10 * steps))
     peak32 = [matmul_peak(False) for _ in range(scale.repeats)]
     peak16 = [matmul_peak(True) for _ in range(scale.repeats)]
@@ -127,7 +159,7 @@ def run(scale: Scale, work: Path) -> BenchResult:
                      paired=False, note=f"{flops_small / 1e9:.0f} GFLOP per step"),
         ratio_figure("training", f"{big} bf16-autocast clips/s vs fp32",
                      [clips / s for s in small16], "clips/s", [clips / s for s in small32],
-                     f"{big} fp32", paired=False, note=note),
+                     f"{big} fp32", note=note + "; steps alternating"),
         ratio_figure("training", f"{big} bf16 achieved FLOP/s vs bf16 matmul peak (MFU)",
                      [flops_small / s for s in small16], "FLOP/s", peak16, "1024^3 bf16 matmul",
                      paired=False),
@@ -141,4 +173,6 @@ def run(scale: Scale, work: Path) -> BenchResult:
                                                            "tiny": flops_tiny},
                "matmul_peak_flops": {"fp32": peak32, "bf16": peak16},
                "micro_batch_videos": b, "torch_threads": torch.get_num_threads()}
-    return BenchResult("training", figures, details)
+    before_figs, before_details = versus_before(big, b, steps + 1)
+    details.update(before_details)
+    return BenchResult("training", figures + before_figs, details)

@@ -1,17 +1,22 @@
 """The VIMPAC backbone and heads: vocabulary ids, paper parameter counts, shapes, gradients, [PAD]
-isolation, position interpolation, layouts."""
+isolation, position interpolation, layouts, and equality with the official model's outputs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from vimpac.pretrain.losses import pretrain_loss
 from vimpac.pretrain.masking import apply_mask, block_mask
 from vimpac.pretrain.model import (
+    ATTENTION_KERNELS,
     PRESETS,
+    AxialAttention,
     ClassifierHead,
     ModelConfig,
     VimpacBackbone,
@@ -183,6 +188,30 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["T,H|W", "THW", "H|W,T"])
+def test_attention_kernels_give_the_same_outputs_and_gradients(layout: str) -> None:
+    """The plain matmul + softmax kernel and PyTorch's SDPA agree in float64, [PAD] included."""
+    config = dataclasses.replace(TINY, dropout=0.0, layout=layout)
+    tokens = _tokens(3, config)
+    tokens[1, 3:] = config.pad_id
+    tokens[2, :, 2, 5] = config.pad_id
+    results = []
+    for kernel in ATTENTION_KERNELS:
+        torch.manual_seed(0)
+        model = VimpacBackbone(config).double()
+        for module in model.modules():
+            if isinstance(module, AxialAttention):
+                module.kernel = kernel
+        cls, features = model(tokens)
+        (cls.square().sum() + features.sin().mean()).backward()
+        results.append((cls, features, {n: p.grad for n, p in model.named_parameters()}))
+    (cls_a, feat_a, grads_a), (cls_b, feat_b, grads_b) = results
+    torch.testing.assert_close(cls_a, cls_b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(feat_a, feat_b, rtol=0, atol=1e-12)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_bad_layouts_are_rejected_with_the_value() -> None:
     with pytest.raises(ValueError, match="unknown axis 'X'"):
         ModelConfig(layout="T,X")
@@ -195,3 +224,35 @@ def test_classifier_head_starts_at_zero_and_sync_bn_conversion() -> None:
     assert not head(torch.randn(3, TINY.dim)).any()
     model = to_sync_batchnorm(VimpacPretrainModel(TINY, proj_hidden=64))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+
+
+# ------------------------------------------------------------------ the official model's outputs
+
+OFFICIAL = Path(__file__).parent / "fixtures" / "official-vimpac"
+
+
+def _official_model(folder: Path) -> VimpacPretrainModel:
+    """The official checkpoint as our model, through the importer's renaming and q/k/v fusion
+    (``vimpac pretrain import-official``)."""
+    from vimpac.pretrain.official import convert, read_official
+
+    path = folder / "classifier.pt"
+    heads = json.loads((folder / "args.txt").read_text())["heads"]   # 2: below the 64-wide rule
+    model, _ = convert(read_official(path), path, heads=heads)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["normal", "halved"])
+def test_official_weights_give_the_official_outputs_in_float32(variant: str) -> None:
+    model = _official_model(OFFICIAL / variant)
+    arrays = np.load(OFFICIAL / variant / "expected.npz")
+    expected = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tokens = expected["tokens"]
+    assert (tokens == model.config.pad_id).any() and (tokens == model.config.mask_id).any()
+    with torch.no_grad():
+        out = model(tokens, tokens == model.config.mask_id)
+        _, hidden = model.backbone(tokens)
+    for ours, theirs in (("cls", "cls"), ("proj", "projection"),
+                         ("mlm_logits", "mlm_logits_at_mask")):
+        torch.testing.assert_close(out[ours], expected[theirs], rtol=0, atol=4e-6, msg=ours)
+    torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=4e-6)

@@ -13,7 +13,10 @@ backbone, heads, the pre-training model.
   outputs concatenated) -> dense -> residual + LN; then MLP (GELU) -> residual + LN (post-LN).
   A comma separates sequential blocks, a pipe parallel branches; ``"THW"`` is full joint attention.
 - [CLS] (TimeSformer style): before every attention the current CLS vector is prepended to every 1-D
-  sequence; afterwards its outputs are averaged over the sequences.
+  sequence; afterwards its outputs are averaged over the sequences. Its q, k, v are projected once
+  and copied in front of every sequence (the same numbers as projecting every copy).
+- Tokens stay in one ``[B, T, H, W, C]`` layout; each attention copies its q, k, v once into
+  sequence order and its output once back (see ``benchmarks/OPTIMISATIONS.md``).
 - [PAD] keys are excluded from attention; CLS is always attendable, so no row is fully masked.
 """
 
@@ -128,51 +131,90 @@ def init_bert_(module: nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------- attention
 
-def _to_sequences(x: Tensor, axis: str) -> Tensor:
-    """[B, T, H, W, C] -> [B, S, L, C]: the S 1-D sequences of length L along ``axis``."""
+# [B, T, H, W] dims -> [B, a, b, L]: the two other axes, then the attended one (a view of x).
+_SEQUENCE_DIMS = {"T": (0, 2, 3, 1), "H": (0, 1, 3, 2), "W": (0, 1, 2, 3)}
+
+
+def _sequences(x: Tensor, axis: str) -> Tensor:
+    """[B, T, H, W, ...] -> [B, a, b, L, ...]: the 1-D sequences along ``axis``, as a view.
+
+    ``a, b`` are the two other axes in T, H, W order; ``"THW"`` is one sequence of T*H*W.
+    """
     if axis == "THW":
-        return x.flatten(1, 3).unsqueeze(1)  # [B, 1, T*H*W, C]
-    return x.movedim(_AXIS_DIM[axis], 3).flatten(1, 2)  # [B, a*b, L, C]
+        return x.flatten(1, 3)[:, None, None]  # [B, 1, 1, T*H*W, ...]
+    return x.permute(*_SEQUENCE_DIMS[axis], *range(4, x.dim()))
 
 
 def _from_sequences(y: Tensor, axis: str, grid: tuple[int, int, int]) -> Tensor:
-    """Inverse of :func:`_to_sequences`: [B, S, L, C] -> [B, T, H, W, C]."""
+    """Inverse of :func:`_sequences` (a view): [B, a, b, L, ...] -> [B, T, H, W, ...]."""
     if axis == "THW":
-        return y.reshape(y.shape[0], *grid, y.shape[-1])
-    others = [n for d, n in zip((1, 2, 3), grid, strict=True) if d != _AXIS_DIM[axis]]
-    return y.unflatten(1, others).movedim(3, _AXIS_DIM[axis])  # [B, a, b, L, C] -> [B,T,H,W,C]
+        return y.reshape(y.shape[0], *grid, *y.shape[4:])
+    inverse = sorted(range(4), key=_SEQUENCE_DIMS[axis].__getitem__)
+    return y.permute(*inverse, *range(4, y.dim()))
+
+
+def _cls_first(tokens: Tensor, cls: Tensor, axis: str) -> Tensor:
+    """tokens [B, T, H, W, heads, hd], cls [B, heads, hd] -> [B*a*b, heads, 1+L, hd]: every
+    sequence along ``axis`` with the CLS in front, in one copy."""
+    seq = _sequences(tokens, axis).transpose(3, 4)  # [B, a, b, heads, L, hd], a view
+    cls = cls[:, None, None, :, None].expand(*seq.shape[:4], 1, -1)  # [B, a, b, heads, 1, hd]
+    return torch.cat([cls, seq], dim=4).flatten(0, 2)
+
+
+def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout: float
+                   ) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with [PAD] keys masked, as the paper and official code compute
+    it (eqs. 10-12). q, k, v [N, heads, 1+L, hd] contiguous; keep [N, 1, 1, 1+L] or None."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [N, heads, 1+L, 1+L]
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), dropout, training=dropout > 0)
+    return torch.matmul(probs, v)
+
+
+def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, dropout: float) -> Tensor:
+    """The same attention through ``F.scaled_dot_product_attention`` (fused kernels on CUDA)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+
+
+# Attention kernels by name, and the default per device type (measured: benchmarks/
+# OPTIMISATIONS.md); set ``AxialAttention.kernel`` to override.
+ATTENTION_KERNELS = {"matmul": _attend_matmul, "sdpa": _attend_sdpa}
+DEFAULT_KERNEL = {"cpu": "matmul", "cuda": "sdpa"}
 
 
 class AxialAttention(nn.Module):
     """Multi-head self-attention along one axis, CLS prepended to every sequence (eqs. 9-13).
 
-    Returns the attention outputs before the output projection: tokens ``[B, T, H, W, att_dim]``
-    and the CLS outputs averaged over all sequences ``[B, att_dim]``.
+    q, k, v are projected once per token and once for the CLS (its projection is the same in
+    every sequence), then each is copied once into sequence order with the CLS in front (their
+    gradients meet again in the projection's own layout, with no copy back). Returns the
+    attention outputs before the output projection: tokens ``[B, T, H, W, heads, head_dim]``
+    (a view) and the CLS outputs averaged over all sequences ``[B, heads * head_dim]``.
     """
 
     def __init__(self, axis: str, dim: int, att_dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.axis, self.heads, self.att_dim, self.dropout = axis, heads, att_dim, dropout
         self.qkv = nn.Linear(dim, 3 * att_dim)  # q, k, v each d -> att_dim
+        self.kernel: str | None = None  # a key of ATTENTION_KERNELS; None = DEFAULT_KERNEL
 
     def forward(self, x: Tensor, cls: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """x [B,T,H,W,D], cls [B,D], pad [B,T,H,W] (True = [PAD] key) or None."""
-        seq = _to_sequences(x, self.axis)  # [B, S, L, D]
-        b, s, length, d = seq.shape
-        seq = torch.cat([cls[:, None, None, :].expand(b, s, 1, d), seq], dim=2)  # [B,S,1+L,D]
-        qkv = self.qkv(seq).view(b * s, 1 + length, 3, self.heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*S, heads, 1+L, head_dim]
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(4)  # 3 x [B,T,H,W,heads,hd]
+        qkv_cls = self.qkv(cls).unflatten(-1, (3, self.heads, -1)).unbind(1)  # 3 x [B,heads,hd]
+        q, k, v = (_cls_first(t, c, self.axis) for t, c in zip(qkv, qkv_cls, strict=True))
+        b, na, nb, length = _sequences(x, self.axis).shape[:4]
         keep = None
         if pad is not None:
-            keep = ~_to_sequences(pad.unsqueeze(-1), self.axis).squeeze(-1)  # [B, S, L]
-            keep = torch.cat([keep.new_ones(b, s, 1), keep], dim=2)  # CLS always attendable
-            keep = keep.view(b * s, 1, 1, 1 + length)  # broadcast over heads and queries
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, s, 1 + length, self.att_dim)  # [B, S, 1+L, A]
-        cls_out = out[:, :, 0].mean(dim=1)  # [B, A]: average over the S sequences
-        grid = tuple(x.shape[1:4])
-        return _from_sequences(out[:, :, 1:], self.axis, grid), cls_out
+            keep = ~_sequences(pad, self.axis).flatten(0, 2)  # [N, L]
+            keep = F.pad(keep, (1, 0), value=True)[:, None, None]  # [N, 1, 1, 1+L]: CLS kept
+        attend = ATTENTION_KERNELS[self.kernel or DEFAULT_KERNEL.get(x.device.type, "sdpa")]
+        out = attend(q, k, v, keep, self.dropout if self.training else 0.0)
+        cls_out, tokens = out.unflatten(0, (b, na, nb)).split([1, length], dim=4)
+        cls_out = cls_out.mean(dim=(1, 2)).flatten(1)  # [B, A]: the average over the sequences
+        tokens = tokens.transpose(3, 4)  # [B, a, b, heads, L, hd] -> [B, a, b, L, heads, hd]
+        return _from_sequences(tokens, self.axis, tuple(x.shape[1:4])), cls_out
 
 
 class AttentionBlock(nn.Module):
@@ -192,7 +234,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, cls: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """x [B,T,H,W,D], cls [B,D] -> same shapes."""
         outs = [branch(x, cls, pad) for branch in self.branches]
-        tok = torch.cat([o[0] for o in outs], dim=-1)  # [B, T, H, W, att_dim]
+        tok = torch.cat([o[0] for o in outs], dim=-2).flatten(-2)  # [B, T, H, W, att_dim]
         cls_att = torch.cat([o[1] for o in outs], dim=-1)  # [B, att_dim]
         x = self.ln(x + self.drop(self.dense(tok)))
         cls = self.ln(cls + self.drop(self.dense(cls_att)))
