@@ -46,6 +46,9 @@ class NpzShard:
         flat, offsets = self.read_all(view)
         return flat[offsets[index]:offsets[index + 1]][start:stop]
 
+    def check(self, view: str) -> None:
+        self.read_all(view)
+
 
 NPZ = Format(name="npz", folder="npz", suffix=".npz", random_access=False, write=write,
              open=NpzShard, describe="one .npz per shard (a test format)")

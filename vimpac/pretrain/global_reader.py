@@ -41,11 +41,12 @@ log = logging.getLogger("vimpac.pretrain.data")
 class ReaderCache:
     """Open shard readers, least recently used dropped first.
 
-    The first time this process opens a shard, every video of it is read once in order (the
-    reader keeps one chunk, so memory stays small), so a shard whose token ids are out of range
-    anywhere is refused as a whole, as the shard-buffer mode would refuse it, and not only when
-    a sampled clip happens to cover the bad frame; with the archive's checksum check (also once
-    per process) that is one sequential pass over each shard.
+    The first time this process opens a shard, the reader checks the whole shard once
+    (``check``: structure and every token id), so a shard whose ids are out of range anywhere is
+    refused as a whole, as the shard-buffer mode would refuse it, and not only when a sampled
+    clip happens to cover the bad frame; clip reads from that reader then skip the per-read id
+    check. With the archive's checksum check (also once per process) that is one sequential pass
+    over each shard.
     """
 
     def __init__(self, archives: Callable[[], list[Archive]], formats: Sequence[Format],
@@ -62,8 +63,7 @@ class ReaderCache:
         ref = self.catalog.shards[shard]
         reader = self.archives()[ref.archive].open_shard(ref.name, self.formats[ref.archive])
         if shard not in self.checked:
-            for index in range(ref.videos):
-                reader.read(index, self.view)              # type: ignore[attr-defined]
+            reader.check(self.view)                        # type: ignore[attr-defined]
             self.checked.add(shard)
         self.open[shard] = reader
         while len(self.open) > self.size:

@@ -128,6 +128,11 @@ class ShardReader(Protocol):
         """Frames ``start:stop`` of video ``index`` in ``view``: uint16 [t, H, W]."""
         ...
 
+    def check(self, view: str) -> None:
+        """Check the whole of ``view`` once (structure and every token id); a reader may then
+        skip the per-read id check of that view's clips."""
+        ...
+
     # Optional: ``release()`` drops what a reader keeps between reads (decoded chunks, file
     # handles) and leaves it usable; callers that keep many readers open call it when idle.
 

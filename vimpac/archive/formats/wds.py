@@ -211,6 +211,7 @@ class TarShard:
         self.layout, self.path = layout, source.label
         self._tar = TarBytes.of(source)
         self._headers: dict[tuple[int, str], int | None] = {}
+        self._whole: set[str] = set()                    # views whose every id was checked
         memo = _memo_key(self._tar, layout)
         if memo is not None and memo in _CHECKED:
             _CHECKED.move_to_end(memo)
@@ -280,7 +281,13 @@ class TarShard:
         flat = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
         offsets = self.layout.offsets()
         self.layout.check_flat_ids(flat, offsets, view)
+        self._whole.add(view)
         return flat, offsets
+
+    def check(self, view: str) -> None:
+        """Check the whole view once (structure and every id); later clip reads of it skip the
+        per-read id check."""
+        self.read_all(view)
 
     def read(self, index: int, view: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         frames = int(self.layout.frames[index])
@@ -294,7 +301,8 @@ class TarShard:
             h, w = self.layout.grid
             raw = self._tar.read(body + 2 * h * w * start, 2 * h * w * (stop - start))
             clip = np.frombuffer(raw, "<u2").reshape(stop - start, h, w)
-        self.layout.check_ids(clip, index, view, start)
+        if view not in self._whole:                      # else all its ids were checked once
+            self.layout.check_ids(clip, index, view, start)
         return clip
 
     def _body_offset(self, index: int, view: str) -> int | None:

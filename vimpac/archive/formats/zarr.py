@@ -65,7 +65,7 @@ class ZarrShard:
         self.source, self.layout, self.path = source, layout, source.label
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
-        self._checked: set[str] = set()
+        self._whole: set[str] = set()                    # views whose every id was checked
         self._direct: dict[str, _DirectView | None] = {}
         self._last: tuple[str, int, np.ndarray] | None = None     # the last chunk decoded
         offsets = self._offsets_direct()
@@ -197,8 +197,14 @@ class ZarrShard:
         if clip is None:
             arr = self.array(view)
             clip = np.asarray(_guarded(self.path, view, lambda: arr[base + start: base + stop]))
-        self.layout.check_ids(clip, index, view, start)
+        if view not in self._whole:                      # else all its ids were checked once
+            self.layout.check_ids(clip, index, view, start)
         return clip
+
+    def check(self, view: str) -> None:
+        """Check the whole view once (structure and every id); later clip reads of it skip the
+        per-read id check."""
+        self.read_all(view)
 
     def _read_direct(self, view: str, first: int, last: int) -> np.ndarray | None:
         """Frames ``first:last`` of ``view`` from the inner chunks that hold them, decoded
@@ -285,6 +291,7 @@ class ZarrShard:
             flat = np.asarray(_guarded(self.path, view, lambda: arr[:]))
         self.layout.check_array(flat, f"tokens/{view}", self.layout.total_frames)
         self.layout.check_flat_ids(flat, self.offsets, view)
+        self._whole.add(view)
         return flat, self.offsets
 
     def _read_all_direct(self, view: str) -> np.ndarray | None:
