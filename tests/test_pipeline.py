@@ -170,3 +170,36 @@ def test_only_non_volatile_settings_move_the_keys(tmp_path, change, moves):
     base = plan("demo", tmp_path, ["finetune.compare_scratch=true"])
     changed = plan("demo", tmp_path, ["finetune.compare_scratch=true", change])
     assert {n for n in base if base[n].path != changed[n].path} == moves
+
+
+def test_a_pipeline_with_pretrain_sources_pre_trains_on_them(tmp_path):
+    """Archives tokenized before, listed with weights in pretrain.sources, replace the
+    pipeline's own pre-training tokens (no tokens-pretrain stage)."""
+    from conftest import write_token_archive
+
+    first = write_token_archive(tmp_path / "a", videos=8, grid=8, frames=(5, 9), codebook=64)
+    second = write_token_archive(tmp_path / "b", videos=8, grid=8, frames=(5, 9), codebook=64,
+                                 seed=1)
+    config = tmp_path / "pipelines.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        pipelines:
+          mixed:
+            data: {{synthetic: false}}
+            tokenizer: {{source: path, path: {tmp_path}}}
+            pretrain:
+              model: tiny
+              frames: 5
+              grid: 8
+              batch_size: 4
+              micro_batch: 4
+              steps: 2
+              num_workers: 0
+              proj_hidden: 16
+              sources: [{{path: {first}, weight: 0.75}}, {{path: {second}, weight: 0.25}}]
+        """))
+    stages = plan("mixed", tmp_path / "runs", path=config)
+    assert list(stages) == ["pretrain", "report"]
+    outcomes = run_pipeline(load_pipeline("mixed", config), tmp_path / "runs")
+    ran = {o.name: o for o in outcomes}
+    assert ran["pretrain"].status == "ran" and ran["pretrain"].result["step"] == 2
+    assert (stages["pretrain"].path / "pretrained.pt").is_file()

@@ -11,6 +11,8 @@ Plan (synthetic data)::
     data -> tokenizer -> tokens-pretrain -> pretrain -> finetune ----------> evaluate -> report
                \\-------> tokens-finetune ------------/  finetune-scratch -> evaluate-scratch
 
+With ``pretrain.sources`` (archives tokenized before, mixed by weight) the ``pretrain`` stage reads
+those instead of tokenizing the pipeline's pre-training inputs.
 With ``pretrain.official_checkpoint`` (the authors' released ``classifier.pt``) the ``pretrain``
 stage imports those weights instead of training (:mod:`vimpac.pretrain.official`), recording the
 fingerprint of the pipeline's DALL-E tokenizer; its key hashes the file's path, size and time.
@@ -95,9 +97,10 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
         pretrain_inputs = {"from": "data", "path": "uncurated"}
         finetune_inputs = {"from": "data", "dataset": d.synth_layout}
     else:
-        if not d.pretrain_inputs and not d.finetune_dataset:
-            raise PipelineError(f"pipeline '{config.name}': data.synthetic is false but neither "
-                                "data.pretrain_inputs nor data.finetune_dataset is set")
+        if not (d.pretrain_inputs or d.finetune_dataset or config.pretrain.sources):
+            raise PipelineError(f"pipeline '{config.name}': data.synthetic is false but none of "
+                                "data.pretrain_inputs, data.finetune_dataset and "
+                                "pretrain.sources is set")
         pretrain_inputs = {"paths": [str(Path(p).resolve()) for p in d.pretrain_inputs]}
         finetune_inputs = {"dataset": d.finetune_dataset}
     data_needs = ["data"] if d.synthetic else []
@@ -110,12 +113,15 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
                             {"tokenizer": tokenizer, "dalle": _file_identity(tokenizer.path)}))
     tok_needs = ["tokenizer"] if tokenizer.source != "path" else []
     tok_id = {"path": str(Path(tokenizer.path).resolve())} if not tok_needs else {}
-    official = config.pretrain.official_checkpoint
-    has_pretrain = bool(d.synthetic or d.pretrain_inputs or official)
+    official, sources = config.pretrain.official_checkpoint, config.pretrain.sources
+    has_pretrain = bool(d.synthetic or d.pretrain_inputs or official or sources)
     has_finetune = bool(d.synthetic or d.finetune_dataset)
     if official:
         stages.append(Stage("pretrain", "pretrain", stage_import_official,
                             {"official": _file_identity(official), **tok_id}, tok_needs))
+    elif sources:                       # archives tokenized before, mixed by weight
+        stages.append(Stage("pretrain", "pretrain", stage_pretrain,
+                            {"pretrain": config.pretrain}))
     elif has_pretrain:
         stages.append(Stage("tokens-pretrain", "tokens", stage_tokens_pretrain,
                             {"tokenize": config.tokenize, "inputs": pretrain_inputs, **tok_id},
@@ -245,8 +251,9 @@ stage_tokens_pretrain = stage_tokens_finetune = stage_tokens
 def stage_pretrain(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     from vimpac.pretrain.train import run_pretrain
 
-    result = run_pretrain([ctx.path("tokens-pretrain") / "archive"], stage.config["pretrain"],
-                          stage.path, progress=ctx.progress)
+    cfg = stage.config["pretrain"]
+    archives = [] if cfg.sources else [ctx.path("tokens-pretrain") / "archive"]
+    result = run_pretrain(archives, cfg, stage.path, progress=ctx.progress)
     return {"step": result.step, **{k: float(v) for k, v in result.last_metrics.items()}}
 
 
