@@ -389,7 +389,7 @@ def verify(ctx: Context, archive: str, deep: bool) -> None:
         task.close()
     for problem in report.problems:
         console.print(f"[red]corrupt:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
-    decoded = f", {report.videos_decoded} videos decoded" if deep else ""
+    decoded = f", {report.videos_decoded} video reads decoded (every format)" if deep else ""
     out.print(f"{report.shards_checked} shards, {report.files_checked} files checked{decoded}: "
               + ("ok" if report.ok else f"{len(report.problems)} problem(s)"))
     if not report.ok:
