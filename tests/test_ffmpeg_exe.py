@@ -14,6 +14,7 @@ import pytest
 from conftest import make_test_video
 from media_builders import lavfi
 
+from vimpac import cli as cli_module
 from vimpac.cli import cli
 from vimpac.common import ffmpeg_exe as exe
 from vimpac.common import video
@@ -142,7 +143,10 @@ def test_a_binary_that_is_not_ffmpeg_is_refused(fresh_lookup: pytest.MonkeyPatch
         exe.ffmpeg_exe()
 
 
-def test_doctor_reports_the_ffmpeg_version_and_where_it_came_from(cli_runner) -> None:
+def test_doctor_reports_the_ffmpeg_version_and_where_it_came_from(
+        cli_runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a terminal wide enough for no cell to fold, whatever COLUMNS the test runs under
+    monkeypatch.setattr(cli_module.out, "width", 400)
     build = exe.ffmpeg_build()
     result = cli_runner.invoke(cli, ["doctor"])
     assert result.exit_code == 0, result.output
