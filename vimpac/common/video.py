@@ -1,6 +1,6 @@
 """Video decoding with ffmpeg: whole videos, streamed in chunks of square RGB frames.
 
-Follows the paper's decoding chain (vimpac-facts 1.2; official code
+Follows the paper's decoding chain (official code
 ``VideoDatasetBase.load_video_from_path``):
 
     fps=<FPS> -> scale so the shorter side = S -> crop out x out at k*(resized-out)/2 -> [hflip]

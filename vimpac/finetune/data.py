@@ -1,6 +1,6 @@
 """Fine-tuning and test clips out of a labelled token archive (paper App. C.1, Table 4).
 
-Spatial augmentation happens in pixel space *before* tokenisation, as the paper does (facts 1.5):
+Spatial augmentation happens in pixel space *before* tokenisation, as the paper does (App. C.1):
 ``vimpac tokenize`` stores every (resize scale x crop x flip) variant of a video as a *view* of the
 archive (``s1_center``, ``s1.25_top_flip``, ...), all with the same frames. Nothing here crops or
 flips pixels; training picks one stored view per sample, testing reads the scale-1 unflipped crops.

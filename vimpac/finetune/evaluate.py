@@ -3,7 +3,7 @@
 - :func:`run_evaluate`: every video is classified on ``test_clips x len(test_crops)`` views
   (uniform temporal clips including the first and last; scale-1 top-left / centre / bottom-right
   crops, centre only for SSV2); the **softmax probabilities are averaged** over the views, then the
-  argmax is taken (facts 6). Writes ``results.json`` (top-1, top-5, per-class accuracy, confusion
+  argmax is taken (App. C.1). Writes ``results.json`` (top-1, top-5, per-class accuracy, confusion
   matrix, per-video correctness, and which model was evaluated: ``final`` or ``best``, how it was
   chosen, its update and validation top-1) and ``confusion.png``. :func:`mean_over_splits`
   averages the three UCF101 / HMDB51 splits (Table 1 protocol).

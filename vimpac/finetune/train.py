@@ -189,7 +189,7 @@ class FinetuneData:
 
 
 def frame_step(archive_fps: float, fps: float, root: Path) -> int:
-    """Keep every ``step``-th archive frame so clips run at ``fps`` (facts 1.3)."""
+    """Keep every ``step``-th archive frame so clips run at ``fps`` (paper App. C.1: 2 or 4 fps)."""
     ratio = archive_fps / fps
     if ratio < 1 - 1e-6 or abs(ratio - round(ratio)) > 1e-6:
         raise ArchiveError(f"{root}: tokens are at {archive_fps:g} fps; finetune.fps = {fps:g} "

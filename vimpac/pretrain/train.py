@@ -4,7 +4,7 @@ A short story of short functions: build data, model, optimizer and checkpointer;
 loop over updates (micro-batches accumulated to the target batch), log, save. DDP, compile and
 autocast are applied in :func:`wrap_model` and nowhere else. Run it alone or under ``torchrun``.
 
-Two stages, as the authors ran Large-Half (facts 5): one linear schedule of
+Two stages, as the authors ran Large-Half (paper Table 4): one linear schedule of
 ``pretrain.schedule_steps`` updates spans both; stage 1 (128 px) stops at its ``steps`` with the
 learning rate still above 0, and stage 2 (256 px) sets ``init_from`` to stage 1's run folder (or
 one of its training checkpoints) and continues the update count to its own ``steps``. Stage 2 then
