@@ -455,6 +455,9 @@ def test_run_probes_on_finetuned_and_pretrained(archive, finetuned, tmp_path):
                            config=dataclasses.replace(SMALL, frames=3, height=2, width=2))
     fresh = run_probes(archive, init, cfg, tmp_path / "p2", frames=4, grid=4)
     assert fresh["grid"] == 4 and 0.0 <= fresh["knn_top1"] <= 1.0
+    assert set(tuned["time_reversal"]["backbones"]) == {"fine-tuned", "random init"}
+    assert set(fresh["time_reversal"]["backbones"]) == {"pre-trained", "random init"}
+    assert fresh["time_reversal"]["clips"] == fresh["test_videos"] == 12
 
 
 # ------------------------------------------------------------------------------------------- DDP

@@ -238,6 +238,10 @@ def test_the_from_official_recipe_fine_tunes_the_imported_weights_end_to_end(
     evaluated = outcomes["evaluate"].result
     assert evaluated["checkpoint_kind"] == "final" and evaluated["videos"] == 2
     assert evaluated["split"] == "val"
+    probed = outcomes["probes"].result             # the frozen imported backbone, not final.pt
+    assert probed["checkpoint"] == str(imported.path / "pretrained.pt")
+    assert set(probed["time_reversal"]["backbones"]) == {"pre-trained", "random init"}
+    assert "## Time reversal (a diagnostic)" in (outcomes["report"].path / "report.md").read_text()
     report = (outcomes["report"].path / "report.md").read_text()
     assert "final.pt: the last update" in report and "imported weights" in report
 

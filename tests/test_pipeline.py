@@ -57,7 +57,8 @@ def test_finetune_recipes_share_the_pretraining_stage(tmp_path):
 
 def test_dependents_of_a_forced_stage(tmp_path):
     stages = build_plan(load_pipeline("demo", PACKAGED_CONFIG), tmp_path)
-    assert dependents(stages, {"pretrain"}) == {"pretrain", "finetune", "evaluate", "report"}
+    assert dependents(stages, {"pretrain"}) == {"pretrain", "finetune", "evaluate", "probes",
+                                                "report"}
     with pytest.raises(PipelineError, match="no such stage"):
         run_pipeline(load_pipeline("demo", PACKAGED_CONFIG), tmp_path, force=("bogus",),
                      dry_run=True)
@@ -128,6 +129,14 @@ def test_the_packaged_pipelines_are_the_repository_ones():
     assert PACKAGED_CONFIG.resolve() == root.resolve()
 
 
+def test_the_probes_stage_reads_the_pretrained_backbone_and_the_finetuning_clips(tmp_path):
+    stages = plan("demo", tmp_path)
+    assert stages["probes"].needs == ["tokens-finetune", "pretrain"]
+    assert stages["probes"].settings["clips"] == {"split": "1", "frames": 5, "grid": 8,
+                                                  "fps": 4.0}
+    assert "probes" in plan("ucf101-from-official", tmp_path)
+
+
 def test_the_evaluated_checkpoint_is_part_of_the_evaluate_key(tmp_path):
     final, best = plan("demo", tmp_path), plan("demo", tmp_path, ["evaluate.checkpoint=best"])
     assert final["finetune"].path == best["finetune"].path
@@ -161,9 +170,10 @@ def test_a_stage_runs_with_exactly_the_settings_its_key_hashes(tmp_path):
     ("pretrain.num_workers=5", set()),
     ("pretrain.log_every=3", set()),
     ("finetune.num_workers=3", set()),
-    ("pretrain.lr=0.0007", {"pretrain", "finetune", "evaluate"}),
+    ("pretrain.lr=0.0007", {"pretrain", "finetune", "evaluate", "probes"}),
     ("finetune.view_crops=[center]", {"tokens-finetune", "finetune", "finetune-scratch",
-                                      "evaluate", "evaluate-scratch"}),
+                                      "evaluate", "evaluate-scratch", "probes"}),
+    ("evaluate.test_clips=3", {"evaluate", "evaluate-scratch"}),    # probes use one centre clip
 ])
 def test_only_non_volatile_settings_move_the_keys(tmp_path, change, moves):
     """(The report folder is named by the pipeline, so it never moves.)"""

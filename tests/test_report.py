@@ -117,3 +117,36 @@ def test_t_interval_matches_the_textbook_and_paired_gain_needs_equal_lengths():
         paired_gain([1, 0], [1])
     with pytest.raises(ValueError):
         t_interval([1.0])
+
+
+def reversal_entry(rev: float, between: float) -> dict:
+    return {"reversal": {"mean": rev, "std": rev / 2, "median": rev, "q10": 0.0, "q90": rev},
+            "between_clips": {"mean": between, "std": between / 4, "median": between,
+                              "q10": 0.0, "q90": between},
+            "ratio": rev / between}
+
+
+def test_report_shows_the_frozen_probes_and_the_time_reversal_diagnostic(tmp_path):
+    from vimpac.config import PipelineConfig
+    from vimpac.report import write_report
+
+    section = {"clips": 40, "random_seed": 0, "exact": True,
+               "features": {"cls": "CLS", "tokens": "mean of token features"},
+               "backbones": {"pre-trained": {"cls": reversal_entry(0.001, 0.02),
+                                             "tokens": reversal_entry(0.01, 0.1)},
+                             "random init": {"cls": reversal_entry(1e-8, 1e-6),
+                                             "tokens": reversal_entry(0.0005, 0.05)}}}
+    probes = FakeStage(tmp_path / "probes", {"knn_top1": 0.35, "linear_top1": 0.4,
+                                             "test_split": "val", "time_reversal": section})
+    probes.name = "probes"
+    ctx = FakeRun({"probes": probes}, PipelineConfig(name="demo"))
+    rows = results_table(ctx)
+    assert ("pre-trained backbone, frozen", "k-NN top-1 (CLS, val)", "35.0%") in rows
+    assert ("pre-trained backbone, frozen", "linear-probe top-1 (CLS)", "40.0%") in rows
+    report = write_report(ctx, tmp_path / "report")
+    text = Path(report["report"]).read_text()
+    assert "## Time reversal (a diagnostic)" in text and "40 evaluation clips" in text
+    assert "nothing is trained or chosen on it" in text
+    assert "| pre-trained | CLS | 0.001 ± 0.0005 | 0.02 ± 0.005 | 0.05 |" in text
+    assert "| random init | mean of token features | 0.0005 ± 0.00025 | 0.05 ± 0.013 | 0.01 |" \
+        in text

@@ -522,7 +522,8 @@ def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
 @click.option("--split", "split_tag", default=None,
               help="split tag to evaluate (default: the fine-tuning run's eval split)")
 @click.option("--probes", is_flag=True,
-              help="frozen-feature k-NN and linear probes of the CLS features instead")
+              help="frozen-feature k-NN and linear probes of the CLS features, and the "
+                   "time-reversal diagnostic, instead")
 @pass_ctx
 @handle_errors
 def evaluate(ctx: Context, archive_dir: str, checkpoint: str, out_dir: str,
@@ -541,6 +542,11 @@ def evaluate(ctx: Context, archive_dir: str, checkpoint: str, out_dir: str,
     except ValueError as exc:                  # bad settings found by the trainer / evaluator
         raise UsageError(str(exc)) from None
     _print_metrics("evaluate", results)
+    if "time_reversal" in results:
+        from vimpac.finetune.time_reversal import time_reversal_lines
+
+        for line in time_reversal_lines(results["time_reversal"]):
+            out.print(line, highlight=False)
 
 
 # --------------------------------------------------------------------------------------- pipelines

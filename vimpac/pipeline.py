@@ -10,6 +10,7 @@ Plan (synthetic data)::
 
     data -> tokenizer -> tokens-pretrain -> pretrain -> finetune ----------> evaluate -> report
                \\-------> tokens-finetune ------------/  finetune-scratch -> evaluate-scratch
+                                                     \\-> probes (frozen pretrained.pt)
 
 With ``pretrain.sources`` (archives tokenized before, mixed by weight) the ``pretrain`` stage reads
 those instead of tokenizing the pipeline's pre-training inputs.
@@ -17,7 +18,9 @@ With ``pretrain.official_checkpoint`` (the authors' released ``classifier.pt``) 
 stage imports those weights instead of training (:mod:`vimpac.pretrain.official`), recording the
 fingerprint of the pipeline's DALL-E tokenizer; its key hashes the file's path, size and time.
 The evaluate stages test ``final.pt`` (``evaluate.checkpoint``; ``best`` is the model chosen on the
-validation part of the training split) on the evaluation split.
+validation part of the training split) on the evaluation split. The ``probes`` stage probes the
+frozen pre-trained backbone (``pretrained.pt``) on the fine-tuning clips: k-NN and linear probes of
+its CLS features and the time-reversal diagnostic, against a random backbone of the same preset.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
                             {"tokenize": config.tokenize.labelled(config.finetune),
                              "inputs": finetune_inputs, **tok_id}, tok_needs + data_needs))
         stages += _finetune_stages(config, has_pretrain)
+    if has_pretrain and has_finetune:
+        stages.append(_probes_stage(config))
     stages.append(Stage("report", "reports", stage_report, {"pipeline": config.name}))
     _assign_keys(stages, Path(runs))
     return stages
@@ -153,6 +158,17 @@ def _finetune_stages(config: PipelineConfig, has_pretrain: bool) -> list[Stage]:
         stages.append(Stage(name.replace("finetune", "evaluate"), "evaluate", stage_evaluate,
                             {"evaluate": config.evaluate}, [name]))
     return stages
+
+
+def _probes_stage(config: PipelineConfig) -> Stage:
+    """Frozen-feature probes of ``pretrained.pt`` on the clips fine-tuning sees."""
+    ev, ft = config.evaluate, config.finetune
+    return Stage("probes", "probes", stage_probes,
+                 {"probes": {"knn_k": ev.knn_k, "knn_temperature": ev.knn_temperature,
+                             "linear_probe_epochs": ev.linear_probe_epochs},
+                  "clips": {"split": ft.split, "frames": ft.frames, "grid": ft.grid,
+                            "fps": ft.fps}},
+                 ["tokens-finetune", "pretrain"])
 
 
 def _file_identity(path: str) -> dict[str, Any]:
@@ -293,6 +309,24 @@ def stage_evaluate(ctx: RunContext, stage: Stage) -> dict[str, Any]:
     cfg = stage.config["evaluate"]
     ckpt = ctx.path(stage.needs[0]) / f"{cfg.checkpoint}.pt"
     results = run_evaluate(ctx.path("tokens-finetune") / "archive", ckpt, cfg, stage.path)
+    return json.loads(json.dumps(results, default=str))
+
+
+def stage_probes(ctx: RunContext, stage: Stage) -> dict[str, Any]:
+    """k-NN / linear probes and the time-reversal diagnostic of the pre-trained backbone (and of a
+    random one) on the fine-tuning archive's standard split, at fine-tuning's clip size."""
+    from vimpac.archive import Archive
+    from vimpac.finetune.config import EvaluateConfig
+    from vimpac.finetune.evaluate import run_probes
+    from vimpac.finetune.train import resolve_splits
+
+    archive, clips = ctx.path("tokens-finetune") / "archive", stage.config["clips"]
+    opened = Archive(archive)
+    splits = resolve_splits(opened.settings, clips["split"], opened.root)
+    results = run_probes(archive, ctx.path("pretrain") / "pretrained.pt",
+                         EvaluateConfig(**stage.config["probes"]), stage.path, splits=splits,
+                         frames=clips["frames"], grid=clips["grid"], fps=clips["fps"],
+                         progress=ctx.progress)
     return json.loads(json.dumps(results, default=str))
 
 

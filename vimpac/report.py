@@ -5,7 +5,9 @@ The table says which fine-tuned model each arm's number comes from (``final.pt``
 (the evaluation split, never used for any choice), and gives the pre-trained - scratch gain with a
 95 % interval: a paired Student t-interval over the evaluation videos (:func:`paired_gain`). One
 pipeline run is one seed, so the interval covers which videos were tested, not seed-to-seed
-variation; ``benchmarks/finetune_gain.py`` reports the interval over seeds.
+variation; ``benchmarks/finetune_gain.py`` reports the interval over seeds. The ``probes`` stage's
+k-NN / linear probes of the frozen pre-trained backbone join the table, and its time-reversal
+diagnostic (:mod:`vimpac.finetune.time_reversal`) gets a small table of its own.
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
                 f"{gain[1]:+.1f} .. {gain[2]:+.1f} points (paired t over {gain[3]} "
                 "evaluation videos, one seed)")
     add("chance (1 / classes)", "top-1", _chance(evaluated), "{:.1%}")
+    if "probes" in names and names["probes"].done():
+        r = names["probes"].result()
+        label = "pre-trained backbone, frozen"
+        add(label, f"k-NN top-1 (CLS, {r.get('test_split')})", r.get("knn_top1"), "{:.1%}")
+        add(label, "linear-probe top-1 (CLS)", r.get("linear_top1"), "{:.1%}")
     return rows
 
 
@@ -159,6 +166,37 @@ def _chance(evaluated: dict[str, dict[str, Any]]) -> float | None:
         if r.get("per_class"):
             return 1.0 / len(r["per_class"])
     return None
+
+
+def time_reversal_section(ctx: RunContext) -> list[str]:
+    """Markdown of the probes stage's time-reversal diagnostic (none before that stage ran)."""
+    stage = ctx.stages.get("probes")
+    section = stage.result().get("time_reversal") if stage and stage.done() else None
+    if not section:
+        return []
+    lines = ["", "## Time reversal (a diagnostic)", "",
+             "How far a frozen backbone's feature moves when its clip is played backwards: the "
+             "cosine distance 1 - cos(f(x), f(x reversed in time)) over "
+             f"{section['clips']} evaluation clips, against the same distance between two "
+             "different clips (each clip against the next in a seeded random order). A ratio near "
+             "0 means the feature hardly sees the order of the frames; near 1, reversing a clip "
+             "moves it as far as swapping the video. The random backbone (same preset, seed "
+             f"{section['random_seed']}) shows what the architecture does without training. "
+             "This is a diagnostic: nothing is trained or chosen on it.", "",
+             "| backbone | feature | reversal distance | between-clip distance | ratio |",
+             "|---|---|---|---|---|"]
+    names = section.get("features", {})
+    for backbone, feats in section["backbones"].items():
+        for feature, entry in feats.items():
+            ratio = "n/a" if entry["ratio"] is None else f"{entry['ratio']:.3g}"
+            lines.append(f"| {backbone} | {names.get(feature, feature)} | "
+                         f"{_mean_sd(entry['reversal'])} | {_mean_sd(entry['between_clips'])} | "
+                         f"{ratio} |")
+    return lines
+
+
+def _mean_sd(stats: dict[str, float] | None) -> str:
+    return "n/a" if stats is None else f"{stats['mean']:.3g} ± {stats['std']:.2g}"
 
 
 def plot_curves(ctx: RunContext, out: Path) -> Path | None:
@@ -292,6 +330,7 @@ def write_report(ctx: RunContext, out: Path) -> dict[str, Any]:
     lines = [f"# vimpac report: pipeline `{ctx.config.name}`", "",
              ctx.config.description, "", "| stage | figure | value |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += time_reversal_section(ctx)
     lines += ["", "## Stage outputs", ""]
     lines += [f"- `{s.name}`: `{s.path}`" for s in ctx.stages.values() if s.name != "report"]
     for title, path in pictures:

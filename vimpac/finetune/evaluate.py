@@ -11,7 +11,10 @@
   backbone: :func:`knn_probe` is the paper's kNN monitor (L2-normalised features, the k nearest
   training videos vote with weight ``exp(sim / tau)``, k = 200, tau = 0.07); :func:`linear_probe`
   is a multinomial logistic regression on standardised features trained full-batch with L-BFGS
-  (the paper has no linear probe; this one is ours). :func:`run_probes` writes ``probes.json``.
+  (the paper has no linear probe; this one is ours). :func:`run_probes` writes ``probes.json``,
+  which also holds the time-reversal diagnostic of the test clips
+  (:mod:`vimpac.finetune.time_reversal`): how far the features move when a clip is played
+  backwards, against two different clips, for the backbone and a random one of the same preset.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import autocast_context
 from vimpac.finetune.config import EvaluateConfig
 from vimpac.finetune.data import TestClips, worker_context
+from vimpac.finetune.time_reversal import run_time_reversal
 from vimpac.finetune.train import FORMAT as FINETUNED_FORMAT
 from vimpac.finetune.train import (
     check_tokenizer,
@@ -271,7 +275,8 @@ def run_probes(archive_path: str | Path, checkpoint: str | Path, cfg: EvaluateCo
                frames: int | None = None, grid: int | None = None, fps: float | None = None,
                batch_size: int = 16, device: str = "auto",
                progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
-    """kNN and linear probes of frozen CLS features; writes ``probes.json``.
+    """kNN and linear probes of frozen CLS features, and the time-reversal diagnostic on the test
+    split's clips (section ``time_reversal``); writes ``probes.json``.
 
     Features come from one centre clip per video. ``frames`` / ``grid`` default to the backbone's
     own (pre-training) input and are interpolated otherwise; ``fps`` defaults to the fine-tuning
@@ -291,10 +296,11 @@ def run_probes(archive_path: str | Path, checkpoint: str | Path, cfg: EvaluateCo
         splits = ((meta["train_split"], meta["eval_split"]) if "train_split" in meta
                   else resolve_splits(archive.settings, "1", archive.root))
     dev = pick_device(device)
-    feats = {}
+    feats, clips = {}, {}
     for tag in splits:
-        data = TestClips(archive, tag, frames, grid, 1, ["center"], backbone.config.pad_id, step)
-        feats[tag] = extract_features(backbone, data, dev, batch_size, progress=progress)
+        clips[tag] = TestClips(archive, tag, frames, grid, 1, ["center"], backbone.config.pad_id,
+                               step)
+        feats[tag] = extract_features(backbone, clips[tag], dev, batch_size, progress=progress)
     (x, y), (x_test, y_test) = feats[splits[0]], feats[splits[1]]
     num_classes = len(archive.settings.dataset["classes"])
     results = {"checkpoint": str(checkpoint), "archive": str(archive.root),
@@ -308,6 +314,9 @@ def run_probes(archive_path: str | Path, checkpoint: str | Path, cfg: EvaluateCo
         results["linear_probe_steps"] = cfg.linear_probe_epochs
         results["linear_top1"] = linear_probe(x, y, x_test, y_test, cfg.linear_probe_epochs,
                                               num_classes=num_classes)
+    kind = "pre-trained" if meta.get("format") == PRETRAINED_FORMAT else "fine-tuned"
+    results["time_reversal"] = run_time_reversal(backbone, clips[splits[1]], dev, kind=kind,
+                                                 batch_size=batch_size, progress=progress)
     atomic_write_json(out / "probes.json", results)
     log.info("probes of %s: kNN top-1 %.4f%s", checkpoint, results["knn_top1"],
              f", linear top-1 {results['linear_top1']:.4f}" if "linear_top1" in results else "")
