@@ -87,8 +87,8 @@ def stop_record(plateau: Plateau, step: int, total: int, validated: bool) -> dic
     p = plateau
     if p.stopped:
         reason = PLATEAU
-        text = (f"plateau at update {step} of {total}: {p.since_best} validations without a "
-                f"rise of {p.min_delta:.1%} over the best top-1 {p.best:.1%} (update "
+        text = (f"plateau at update {step} of {total}: {_validations(p.since_best)} without "
+                f"a rise of {p.min_delta:.1%} over the best top-1 {p.best:.1%} (update "
                 f"{p.best_step})")
     elif not validated or p.validations == 0:
         reason = BUDGET
@@ -101,6 +101,10 @@ def stop_record(plateau: Plateau, step: int, total: int, validated: bool) -> dic
     else:
         reason = BUDGET
         text = (f"budget: all {total} updates done; best top-1 {p.best:.1%} at update "
-                f"{p.best_step}, then {p.since_best} validations without a rise of "
+                f"{p.best_step}, then {_validations(p.since_best)} without a rise of "
                 f"{p.min_delta:.1%}")
     return {"stopped": reason, "stopped_step": step, "stop_reason": text}
+
+
+def _validations(n: int) -> str:
+    return f"{n} validation" + ("" if n == 1 else "s")
