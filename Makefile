@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, no system ffmpeg needed):
 #   make demo   create .venv, install, run the embedded demo pipeline on CPU
+#   make demo-direction   the same for the eight direction-of-motion classes (longer budgets)
 #   make test   create .venv, install with dev extras, run the test suite
 # The ffmpeg range (what CI runs after `make test`):
 #   make test-ffmpeg-range   the video tests against the oldest supported ffmpeg (4.2.2, from
@@ -25,7 +26,7 @@ VIDEO_TESTS ?= tests/test_video.py tests/test_torture.py tests/test_real_video.p
 	tests/test_ffmpeg_exe.py
 FFMPEG ?=
 
-.PHONY: install demo test test-all lint bench clean oldest-ffmpeg sample-videos test-video \
+.PHONY: install demo demo-direction test test-all lint bench clean oldest-ffmpeg sample-videos test-video \
 	test-ffmpeg-range
 
 $(STAMP): pyproject.toml Makefile
@@ -41,6 +42,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vimpac run demo
+
+demo-direction: $(STAMP)
+	$(BIN)/vimpac run demo-direction
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

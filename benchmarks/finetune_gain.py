@@ -24,13 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-from vimpac.config import load_pipeline
+from benchmarks.pipeline_runs import csv_list, mean_interval, run_with, seed_overrides
 from vimpac.finetune.evaluate import run_probes
-from vimpac.pipeline import run_pipeline
-from vimpac.report import t_interval
 
 TARGET_POINTS = 10.0
 
@@ -51,17 +48,13 @@ def measure(pipeline: str, config: str | None, runs: str, layouts: list[str],
     rows = []
     for layout in layouts:
         for seed in seeds:
-            overrides = [f"data.synth_layout={layout}", f"finetune.seed={seed}",
+            overrides = [*seed_overrides(seed, seed_pretraining), f"data.synth_layout={layout}",
                          "finetune.compare_scratch=true", "evaluate.checkpoint=final", *extra]
-            if seed_pretraining:
-                overrides.insert(0, f"pretrain.seed={seed}")
-            cfg = load_pipeline(pipeline, config, overrides)
-            start = time.perf_counter()
-            outcomes = {o.name: o for o in run_pipeline(cfg, runs)}
+            run = run_with(pipeline, config, runs, overrides)
+            cfg, outcomes, seconds = run.config, run.outcomes, run.seconds
             evaluated = outcomes["evaluate"].result
             pre = evaluated["top1"]
             scratch = outcomes["evaluate-scratch"].result["top1"]
-            seconds = time.perf_counter() - start
             pretrain = outcomes["pretrain"].result if "pretrain" in outcomes else {}
             probe = frozen_probes(outcomes, cfg, runs, layout) if "pretrain" in outcomes else {}
             rows.append({"layout": layout, "seed": seed, "pretrained_top1": pre,
@@ -90,13 +83,11 @@ def measure(pipeline: str, config: str | None, runs: str, layouts: list[str],
     summary = {}
     for layout in layouts:
         mine = [r for r in rows if r["layout"] == layout]
-        gains = [r["gain_points"] for r in mine]
-        low, high = t_interval(gains)[1:] if len(gains) > 1 else (None, None)
-        summary[layout] = {"mean_gain_points": statistics.mean(gains),
-                           "ci95_gain_points": [low, high],
-                           "ci95_method": f"Student t over {len(gains)} seeds, "
-                                          f"{len(gains) - 1} degrees of freedom",
-                           "min_gain_points": min(gains), "max_gain_points": max(gains),
+        gains = mean_interval([r["gain_points"] for r in mine])
+        summary[layout] = {"mean_gain_points": gains["mean"],
+                           "ci95_gain_points": gains["ci95"],
+                           "ci95_method": gains["ci95_method"],
+                           "min_gain_points": gains["min"], "max_gain_points": gains["max"],
                            "chance_top1": mine[0]["chance_top1"],
                            "evaluated": "final.pt on the evaluation split "
                                         f"({mine[0]['eval_split']}, {mine[0]['eval_videos']} "
@@ -107,7 +98,7 @@ def measure(pipeline: str, config: str | None, runs: str, layouts: list[str],
                            "mean_frozen_linear_top1": _mean(
                                r["frozen_linear_top1"] for r in mine),
                            "target_points": TARGET_POINTS,
-                           "met": statistics.mean(gains) >= TARGET_POINTS}
+                           "met": gains["mean"] >= TARGET_POINTS}
     return {"pipeline": pipeline, "rows": rows, "summary": summary}
 
 
@@ -134,8 +125,8 @@ def main() -> None:
                              "fine-tuning only")
     parser.add_argument("--out", default="bench-out/finetune_gain.json")
     args = parser.parse_args()
-    result = measure(args.pipeline, args.config, args.runs, args.layouts.split(","),
-                     [int(s) for s in args.seeds.split(",")], args.extra,
+    result = measure(args.pipeline, args.config, args.runs, csv_list(args.layouts),
+                     [int(s) for s in csv_list(args.seeds)], args.extra,
                      seed_pretraining=not args.fixed_pretraining)
     print("\nfinal.pt on the evaluation split; validation (for best.pt only) held out of the "
           "training split")

@@ -96,3 +96,88 @@ def test_profile_step_tables_share_time_by_kind_and_count_bytes_and_flops(tmp_pa
     mm = profile["costs"]["aten::mm"]
     assert mm["flops"] > 0 and mm["bytes"] > 0 and mm["seconds"] > 0
     assert profile["costs"]["aten::view"]["bytes"] == 0          # views move nothing
+
+
+def table7_rows():
+    """Two seeds of three arms on one task: scratch 20 / 30 %, MP 30 / 50 %, MP + CL 40 / 60 %."""
+    rows = []
+    for arm, top1 in (("scratch", (0.2, 0.3)), ("mp", (0.3, 0.5)), ("mp+cl", (0.4, 0.6))):
+        for seed, value in enumerate(top1):
+            rows.append({"task": "directions", "layout": "ssv2", "seed": seed, "arm": arm,
+                         "top1": value, "chance": 0.125, "steps": 100 + seed,
+                         "stopped": "plateau" if seed == 0 else "budget-still-improving"})
+    return rows
+
+
+def test_table7_pairs_each_arms_gain_with_scratch_by_seed(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import markdown, summarise
+
+    summary = {s["arm"]: s for s in summarise(table7_rows())}
+    assert summary["scratch"]["gain_vs_scratch"] is None
+    mp = summary["mp"]
+    assert mp["top1"]["mean"] == pytest.approx(0.4) and mp["top1"]["n"] == 2
+    assert mp["gain_vs_scratch"]["mean"] == pytest.approx(0.15)            # +10 and +20 points
+    low, high = mp["gain_vs_scratch"]["ci95"]          # t(0.975, 1) = 12.706, sd 0.0707 / sqrt 2
+    assert (low, high) == (pytest.approx(0.15 - 0.6353, abs=1e-3),
+                           pytest.approx(0.15 + 0.6353, abs=1e-3))
+    assert summary["mp+cl"]["stopped"] == {"plateau": 1, "budget-still-improving": 1}
+    lines = markdown(list(summary.values()), ["scratch", "mp", "mp+cl"], "final")
+    assert lines[2] == "| arm | eight directions (ssv2) |"
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| scratch", "| MP", "| MP + CL",
+                                                            "| chance"]
+    assert lines[5].startswith("| MP | 40.0 [") and "; gain +15.0 [" in lines[5]
+    assert "stopped: budget-still-improving 1, plateau 1" in lines[5]
+    assert lines[-1] == "| chance | 12.5 % |"
+
+
+TABLE7_TINY = [
+    "data.synth_train_per_class=4", "data.synth_val_per_class=2", "data.synth_size=32",
+    "data.synth_uncurated_videos=0", "data.synth_pretrain_on=train",
+    "tokenizer.codebook_size=32", "tokenizer.channels=8", "tokenizer.image_size=32",
+    "tokenizer.frames_per_video=4", "tokenizer.steps=2", "tokenizer.batch_size=4",
+    "tokenizer.checkpoint_every=2", "tokenize.shorter_side=32", "tokenize.size=32",
+    "tokenize.decode_workers=0", "tokenize.batch_frames=32", "pretrain.model=bench-test",
+    "pretrain.grid=4", "pretrain.steps=2", "pretrain.batch_size=4", "pretrain.micro_batch=4",
+    "pretrain.proj_hidden=16", "pretrain.checkpoint_every=2", "finetune.grid=4",
+    "finetune.epochs=3", "finetune.batch_size=8", "finetune.micro_batch=8",
+    "finetune.view_scales=[1.0]", "finetune.view_crops=[center]", "finetune.val_fraction=0.25",
+    "finetune.plateau_patience=1", "evaluate.test_clips=1"]
+
+
+@pytest.mark.slow
+def test_table7_runs_every_arm_and_task_through_the_pipeline(tmp_path, monkeypatch, capsys):
+    """Tiny budgets: the table has a row per arm, a column per task, and the JSON a row per
+    (task, seed, arm) with why its fine-tuning stopped."""
+    import dataclasses
+
+    from vimpac.pretrain.model import PRESETS
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setitem(PRESETS, "bench-test", dataclasses.replace(
+        PRESETS["tiny"], layers=1, dim=32, heads=2, mlp_dim=64))
+    from benchmarks.table7 import main
+
+    out = tmp_path / "table7.json"
+    argv = ["--seeds", "0,1", "--corpus-seed", "5", "--runs", str(tmp_path / "runs"),
+            "--out", str(out)]
+    main(argv + [arg for s in TABLE7_TINY for arg in ("--set", s)])
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["setting"]["corpus_seed"] == 5
+    keys = {(r["task"], r["seed"], r["arm"]) for r in data["rows"]}
+    assert keys == {(t, s, a) for t in ("five", "directions") for s in (0, 1)
+                    for a in ("scratch", "mp", "mp+cl")}
+    for row in data["rows"]:
+        assert row["corpus_seed"] == 5 and row["pretrain_seed"] == row["seed"]
+        assert row["evaluated"] == "final" and row["layout"] == "ssv2"
+        assert row["stopped"] in ("plateau", "budget", "budget-still-improving")
+        assert row["stopped_step"] == row["steps"] <= row["total_steps"]
+        assert 0 <= row["top1"] <= 1 and row["stage_seconds"]["evaluate" if row["arm"] != "scratch"
+                                                              else "evaluate-scratch"] > 0
+    chance = {r["task"]: r["chance"] for r in data["rows"]}
+    assert chance == {"five": 0.2, "directions": 0.125}
+    table = capsys.readouterr().out
+    assert "| arm | five kinds of motion (ssv2) | eight directions (ssv2) |" in table
+    for arm in ("scratch", "MP", "MP + CL"):
+        assert f"\n| {arm} | " in table
+    assert "| chance | 20.0 % | 12.5 % |" in table and "; gain " in table

@@ -117,3 +117,29 @@ def test_selection_and_schedule_settings_are_checked_together(tmp_path):
         load_pipeline("p", path, ["pretrain.steps=20", "pretrain.schedule_steps=10"])
     with pytest.raises(ConfigError, match="val_fraction = 0.9"):
         load_pipeline("p", path, ["finetune.val_fraction=0.9"])
+
+
+def test_plateau_settings_are_checked_and_named(tmp_path):
+    path = write(tmp_path, "pipelines:\n  p: {}\n")
+    cfg = load_pipeline("p", path)
+    assert (cfg.finetune.plateau_patience, cfg.finetune.plateau_min_delta) == (0, 0.01)
+    with pytest.raises(ConfigError, match="finetune.plateau_patience = -1: expected >= 0"):
+        load_pipeline("p", path, ["finetune.plateau_patience=-1"])
+    with pytest.raises(ConfigError, match="finetune.plateau_min_delta = 2.0: expected >= 0"):
+        load_pipeline("p", path, ["finetune.plateau_min_delta=2"])
+    with pytest.raises(ConfigError, match="finetune.plateau_patience = 3: .*val_fraction > 0"):
+        load_pipeline("p", path, ["finetune.plateau_patience=3", "finetune.val_fraction=0"])
+
+
+def test_a_field_added_at_its_default_leaves_the_cache_key_alone():
+    """plateau_* were added after results were cached: at their defaults they are not hashed,
+    so those results keep their keys; set, they are."""
+    import dataclasses
+
+    from vimpac.common.config import result_fields
+    from vimpac.config import FinetuneConfig
+
+    plain = result_fields(FinetuneConfig())
+    assert "plateau_patience" not in plain and "plateau_min_delta" not in plain
+    on = result_fields(dataclasses.replace(FinetuneConfig(), plateau_patience=4))
+    assert on["plateau_patience"] == 4 and "plateau_min_delta" not in on

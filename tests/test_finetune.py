@@ -47,6 +47,7 @@ from vimpac.finetune.evaluate import (
     run_probes,
     view_averaged_probs,
 )
+from vimpac.finetune.plateau import Plateau, stop_record
 from vimpac.finetune.train import (
     UpdateSampler,
     build_model,
@@ -369,6 +370,120 @@ def test_unlabelled_archive_and_wrong_fps_are_clear_errors(archive, tmp_path, te
     with pytest.raises(ArchiveError, match="finetune.fps = 3"):
         run_finetune(archive, dataclasses.replace(CFG, fps=3.0), tmp_path / "o2",
                      model_preset=test_preset)
+
+
+# ------------------------------------------------------------------------------- the plateau rule
+
+def test_the_plateau_rule_counts_validations_without_a_rise_of_min_delta():
+    rule = Plateau(patience=3, min_delta=0.05)
+    steps = [(10, 0.20), (20, 0.30), (30, 0.34), (40, 0.40), (50, 0.39), (60, 0.44)]
+    assert [rule.observe(s, v) for s, v in steps] == [False] * 6
+    # 0.34 rose 0.04 < 0.05 over 0.30: not an improvement; 0.40 is (0.10 over 0.30)
+    assert (rule.best, rule.best_step, rule.since_best) == (0.40, 40, 2)
+    assert rule.observe(70, 0.44) and rule.stopped_at == 70
+    record = stop_record(rule, 70, 100, validated=True)
+    assert record["stopped"] == "plateau" and record["stopped_step"] == 70
+    assert "plateau at update 70 of 100" in record["stop_reason"]
+
+
+def test_a_run_that_ends_on_a_rise_is_still_improving_and_off_means_never_stop():
+    rule = Plateau(patience=0, min_delta=0.01)
+    for step, top1 in [(1, 0.5)] + [(s, 0.5) for s in range(2, 40)]:
+        assert not rule.observe(step, top1)                    # patience 0: only watches
+    assert stop_record(rule, 40, 40, validated=True)["stopped"] == "budget"
+    rule.observe(41, 0.52)                                    # a new best by >= min_delta
+    record = stop_record(rule, 41, 41, validated=True)
+    assert record["stopped"] == "budget-still-improving" and "by 2.0%" in record["stop_reason"]
+    one = Plateau(patience=0, min_delta=0.01)
+    one.observe(5, 0.9)                                        # one validation: no trend yet
+    assert stop_record(one, 5, 5, validated=True)["stopped"] == "budget"
+    assert stop_record(Plateau(0, 0.01), 5, 5, validated=False)["stopped"] == "budget"
+
+
+def test_the_plateau_state_round_trips_and_refuses_another_rule():
+    rule = Plateau(patience=2, min_delta=0.1)
+    rule.observe(3, 0.5)
+    rule.observe(6, 0.55)
+    copy = Plateau(patience=2, min_delta=0.1)
+    copy.load_state_dict(rule.state_dict())
+    assert copy == rule
+    with pytest.raises(ValueError, match="patience 2"):
+        Plateau(patience=3, min_delta=0.1).load_state_dict(rule.state_dict())
+
+
+PLATEAU_CFG = dataclasses.replace(CFG, epochs=20, plateau_patience=6)    # 45 updates at most
+
+
+def test_fine_tuning_stops_on_a_plateau_and_the_summary_says_why(archive, tmp_path, test_preset):
+    summary = run_finetune(archive, PLATEAU_CFG, tmp_path / "run", model_preset=test_preset)
+    vals = [(m["step"], m["val_top1"]) for m in read_metrics(tmp_path / "run" / "metrics.jsonl")
+            if "val_top1" in m]
+    assert summary["stopped"] == "plateau" and summary["complete"]
+    assert summary["stopped_step"] == summary["steps"] == vals[-1][0] < summary["total_steps"]
+    assert summary["plateau"]["since_best"] == 6 and summary["plateau"]["stopped_at"] == vals[-1][0]
+    best = summary["plateau"]["best"]
+    assert all(v < best + 0.01 for _, v in vals[-6:])        # six validations without a rise
+    assert (tmp_path / "run" / "final.pt").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped"] == "plateau"
+    _, final = load_finetuned(tmp_path / "run" / "final.pt")
+    assert final["step"] == summary["stopped_step"]
+
+
+def test_an_interrupted_run_resumes_into_the_same_plateau_stop(archive, tmp_path, test_preset):
+    whole = run_finetune(archive, PLATEAU_CFG, tmp_path / "whole", model_preset=test_preset)
+    stop = whole["stopped_step"]
+    assert whole["stopped"] == "plateau" and stop >= 6
+    cut = stop - 3                                             # between validations, mid-count
+    first = run_finetune(archive, PLATEAU_CFG, tmp_path / "split", model_preset=test_preset,
+                         stop_after=cut)
+    assert first["steps"] == cut and first["stopped"] is None and not first["complete"]
+    assert 0 < first["plateau"]["since_best"] < 6
+    second = run_finetune(archive, PLATEAU_CFG, tmp_path / "split", model_preset=test_preset)
+    assert {k: second[k] for k in ("stopped", "stopped_step", "stop_reason", "plateau", "steps")} \
+        == {k: whole[k] for k in ("stopped", "stopped_step", "stop_reason", "plateau", "steps")}
+    a = load_checkpoint(tmp_path / "whole" / "final.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = run_finetune(archive, PLATEAU_CFG, tmp_path / "split", model_preset=test_preset)
+    assert again["steps"] == stop and again["stopped"] == "plateau"   # a stopped run stays so
+
+
+@pytest.mark.parametrize(("curve", "stopped"), [
+    ([0.2, 0.3, 0.4], "budget-still-improving"),       # the last validation is a new best
+    ([0.2, 0.4, 0.405], "budget"),                      # it rose by less than min_delta
+])
+def test_a_budget_that_ends_while_validation_rises_is_a_warning(archive, tmp_path, test_preset,
+                                                                monkeypatch, caplog, curve,
+                                                                stopped):
+    import vimpac.finetune.train as train_module
+
+    values = iter(curve)
+    monkeypatch.setattr(train_module, "validate", lambda *args: next(values))
+    cfg = dataclasses.replace(CFG, epochs=2, eval_every=0.8)        # validations at 2, 4, 5
+    with caplog.at_level(logging.INFO, logger="vimpac.finetune.train"):
+        summary = run_finetune(archive, cfg, tmp_path / "run", model_preset=test_preset)
+    assert summary["stopped"] == stopped and summary["stopped_step"] == summary["steps"] == 5
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ([summary["stop_reason"]] if stopped == "budget-still-improving" else [])
+    assert stopped != "budget-still-improving" or "by 10.0% to 40.0%" in summary["stop_reason"]
+
+
+def test_the_cli_says_in_one_line_why_fine_tuning_stopped(archive, tmp_path, test_preset,
+                                                          cli_runner):
+    from vimpac.cli import cli
+
+    config = tmp_path / "pipelines.yaml"
+    config.write_text(
+        "pipelines:\n  p:\n    pretrain: {model: test}\n"
+        "    finetune: {frames: 4, grid: 4, fps: 4.0, epochs: 20, batch_size: 8, micro_batch: 4,"
+        " lr: 3.0e-3, dropout: 0.0, num_workers: 0, val_fraction: 0.25, plateau_patience: 6}\n")
+    result = cli_runner.invoke(cli, ["-q", "--config", str(config), "--pipeline", "p", "finetune",
+                                     str(archive), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("stopped: ")]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert lines == [f"stopped: {summary['stop_reason']}"]
+    assert lines[0].startswith(f"stopped: plateau at update {summary['stopped_step']} of ")
 
 
 # ------------------------------------------------------------------------------------- evaluation

@@ -174,6 +174,9 @@ def test_a_stage_runs_with_exactly_the_settings_its_key_hashes(tmp_path):
     ("finetune.view_crops=[center]", {"tokens-finetune", "finetune", "finetune-scratch",
                                       "evaluate", "evaluate-scratch", "probes"}),
     ("evaluate.test_clips=3", {"evaluate", "evaluate-scratch"}),    # probes use one centre clip
+    ("finetune.plateau_patience=0", set()),                   # the default: off, as before
+    ("finetune.plateau_patience=4", {"finetune", "finetune-scratch", "evaluate",
+                                     "evaluate-scratch"}),
 ])
 def test_only_non_volatile_settings_move_the_keys(tmp_path, change, moves):
     """(The report folder is named by the pipeline, so it never moves.)"""
@@ -213,3 +216,31 @@ def test_a_pipeline_with_pretrain_sources_pre_trains_on_them(tmp_path):
     ran = {o.name: o for o in outcomes}
     assert ran["pretrain"].status == "ran" and ran["pretrain"].result["step"] == 2
     assert (stages["pretrain"].path / "pretrained.pt").is_file()
+
+
+def test_pre_training_on_the_training_split_reads_its_videos_without_labels(tmp_path):
+    """data.synth_pretrain_on: train feeds the tokenizer and pre-training the labelled task's
+    training split (as plain files: no labels) instead of the uncurated videos."""
+    from vimpac.data.inputs import collect_inputs
+    from vimpac.data.synth import spec_from_config, write_corpus
+    from vimpac.pipeline import RunContext, _inputs
+
+    small = ["data.synth_classes=[move_left, move_right]", "data.synth_train_per_class=2",
+             "data.synth_val_per_class=1", "data.synth_size=32", "data.synth_uncurated_videos=0"]
+    with pytest.raises(Exception, match="data.synth_uncurated_videos = 0"):
+        plan("demo", tmp_path, small)
+    train = plan("demo", tmp_path, [*small, "data.synth_pretrain_on=train"])
+    inputs = train["tokens-pretrain"].config["inputs"]
+    assert inputs == {"from": "data", "dataset": "ucf101", "split": "train1", "labels": False}
+    assert train["tokenizer"].config["inputs"] == inputs
+    default = plan("demo", tmp_path, [*small[:-1]])
+    assert default["tokens-pretrain"].config["inputs"] == {"from": "data", "path": "uncurated"}
+    config = load_pipeline("demo", PACKAGED_CONFIG, [*small, "data.synth_pretrain_on=train"])
+    stages = {s.name: s for s in build_plan(config, tmp_path)}
+    write_corpus(stages["data"].path / "corpus", spec_from_config(config.data))
+    ctx = RunContext(config, tmp_path, stages)
+    for layout, tag, suffix in (("ucf101", "train1", ".avi"), ("ssv2", "train", ".webm")):
+        paths = _inputs(ctx, {**inputs, "dataset": layout, "split": tag})
+        assert len(paths) == 4 and all(p.endswith(suffix) for p in paths)   # 2 classes x 2
+        found = collect_inputs(paths)
+        assert found.dataset is None and {v.label for v in found.videos} == {-1}

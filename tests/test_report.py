@@ -150,3 +150,48 @@ def test_report_shows_the_frozen_probes_and_the_time_reversal_diagnostic(tmp_pat
     assert "| pre-trained | CLS | 0.001 ± 0.0005 | 0.02 ± 0.005 | 0.05 |" in text
     assert "| random init | mean of token features | 0.0005 ± 0.00025 | 0.05 ± 0.013 | 0.01 |" \
         in text
+
+
+def finetuned_arms(tmp_path):
+    """Two fine-tuning arms with validation curves: one stopped by the plateau rule, one by the
+    budget while still improving."""
+    import json
+
+    arms = {}
+    for name, stop, step in (("finetune", "plateau", 60), ("finetune-scratch",
+                                                          "budget-still-improving", 100)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"step": s, "val_top1": min(0.9, s / 100)} for s in range(10, step + 1, 10)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        arms[name] = FakeStage(folder, {"stopped": stop, "stopped_step": step,
+                                        "stop_reason": f"{stop} at update {step}"})
+    return arms
+
+
+def test_table_states_each_arms_stop_reason_and_warns_when_still_improving(tmp_path):
+    ctx = evaluated(tmp_path, 0.4, 0.3)
+    ctx.stages.update(finetuned_arms(tmp_path))
+    rows = results_table(ctx)
+    assert ("fine-tuned from pre-training", "stopped", "plateau at update 60") in rows
+    assert ("from scratch", "stopped", "budget-still-improving at update 100") in rows
+    warnings = [(stage, value) for stage, figure, value in rows if figure == "warning"]
+    assert len(warnings) == 1 and warnings[0][0] == "from scratch"
+    assert "still rising" in warnings[0][1]
+
+
+def test_the_accuracy_curve_marks_where_and_why_each_arm_stopped(tmp_path, monkeypatch):
+    import vimpac.report as report
+
+    legends, save = [], report._save
+
+    def keep(plt, fig, path):
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend()
+                       for t in ax.get_legend().get_texts())
+        return save(plt, fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    png = report.plot_curves(FakeContext(finetuned_arms(tmp_path)), tmp_path)
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pre-trained stopped: plateau (update 60)" in legends
+    assert "from scratch stopped: budget, still improving (update 100)" in legends

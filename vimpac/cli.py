@@ -511,7 +511,16 @@ def finetune(ctx: Context, archive_dir: str, init: str | None, out_dir: str,
                                    stop_after=stop_after)
     except ValueError as exc:                  # bad settings found by the trainer / evaluator
         raise UsageError(str(exc)) from None
-    _print_metrics("finetune", summary)
+    _print_metrics("finetune", {k: v for k, v in summary.items() if k != "stop_reason"})
+    out.print(f"stopped: {_stop_text(summary)}", highlight=False, soft_wrap=True)
+
+
+def _stop_text(summary: dict[str, Any]) -> str:
+    """Why a fine-tuning run stopped: plateau, budget, or budget while still improving."""
+    if summary.get("stop_reason"):
+        return str(summary["stop_reason"])
+    return (f"interrupted at update {summary['steps']} of {summary['total_steps']} "
+            "(--stop-after); rerun the same command to continue")
 
 
 @cli.command()

@@ -41,6 +41,7 @@ from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.config import PipelineConfig
+from vimpac.data.datasets import load_dataset, standard_splits
 from vimpac.data.synth import spec_from_config
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
     d, stages = config.data, []
     if d.synthetic:
         stages.append(Stage("data", "data", stage_data, {"synth": spec_from_config(d)}))
-        pretrain_inputs = {"from": "data", "path": "uncurated"}
+        pretrain_inputs = _synth_pretrain_inputs(config)
         finetune_inputs = {"from": "data", "dataset": d.synth_layout}
     else:
         if not (d.pretrain_inputs or d.finetune_dataset or config.pretrain.sources):
@@ -141,6 +142,21 @@ def build_plan(config: PipelineConfig, runs: str | Path) -> list[Stage]:
     stages.append(Stage("report", "reports", stage_report, {"pipeline": config.name}))
     _assign_keys(stages, Path(runs))
     return stages
+
+
+def _synth_pretrain_inputs(config: PipelineConfig) -> dict[str, Any]:
+    """What the synthetic corpus gives the tokenizer and pre-training (``data.synth_pretrain_on``):
+    its uncurated videos, or the labelled task's training split (the fine-tuning split
+    ``finetune.split`` of ``data.synth_layout``, validation part included), as plain videos
+    without labels."""
+    d = config.data
+    if d.synth_pretrain_on == "uncurated":
+        return {"from": "data", "path": "uncurated"}
+    if not config.finetune.split.isdigit():
+        raise PipelineError(f"finetune.split = {config.finetune.split!r}: expected a split "
+                            "number such as 1")
+    train_tag, _ = standard_splits(d.synth_layout, int(config.finetune.split))
+    return {"from": "data", "dataset": d.synth_layout, "split": train_tag, "labels": False}
 
 
 def _finetune_stages(config: PipelineConfig, has_pretrain: bool) -> list[Stage]:
@@ -218,6 +234,9 @@ def _inputs(ctx: RunContext, inputs: dict[str, Any]) -> list[str]:
     """A tokenize stage's ``inputs`` identity as the paths / dataset specs it names."""
     if inputs.get("from") == "data":
         corpus = ctx.path("data") / "corpus"
+        if "split" in inputs:                   # one split's videos, as files: no labels
+            index = load_dataset(inputs["dataset"], str(corpus / inputs["dataset"]))
+            return [item.path for item in index.split(inputs["split"])]
         if "dataset" in inputs:
             return [f"{inputs['dataset']}:{corpus / inputs['dataset']}"]
         return [str(corpus / inputs["path"])]

@@ -7,7 +7,9 @@ The table says which fine-tuned model each arm's number comes from (``final.pt``
 pipeline run is one seed, so the interval covers which videos were tested, not seed-to-seed
 variation; ``benchmarks/finetune_gain.py`` reports the interval over seeds. The ``probes`` stage's
 k-NN / linear probes of the frozen pre-trained backbone join the table, and its time-reversal
-diagnostic (:mod:`vimpac.finetune.time_reversal`) gets a small table of its own.
+diagnostic (:mod:`vimpac.finetune.time_reversal`) gets a small table of its own. Each fine-tuning
+arm's row says why it stopped (the plateau rule, the budget, or the budget while validation top-1
+was still rising: a warning), and the accuracy curve marks where.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
     from vimpac.pipeline import RunContext
 
 log = logging.getLogger(__name__)
+
+ARMS = {"finetune": "pre-trained", "finetune-scratch": "from scratch"}
+STOP_WORDS = {"plateau": "plateau", "budget": "budget",
+              "budget-still-improving": "budget, still improving"}
 
 
 def _plt() -> Any:
@@ -77,6 +83,12 @@ def results_table(ctx: RunContext) -> list[tuple[str, str, str]]:
         for key in ("step", "mlm_acc", "mlm_acc_moving", "nce_acc", "mlm_loss", "nce_loss"):
             add("pretrain", key, None if "imported" in r else r.get(key))
     evaluated = _evaluations(ctx)
+    for name, r in _finetuned(ctx).items():
+        label = "fine-tuned from pre-training" if name == "finetune" else "from scratch"
+        add(label, "stopped", r.get("stop_reason"))
+        if r.get("stopped") == "budget-still-improving":
+            add(label, "warning", "validation top-1 was still rising when the budget ran out: "
+                "a larger finetune.epochs (or finetune.plateau_patience) may give more")
     for variant, r in evaluated.items():
         label = "fine-tuned from pre-training" if variant == "evaluate" else "from scratch"
         add(label, "evaluated model", _model_text(r))
@@ -149,6 +161,12 @@ def _paired(evaluated: dict[str, dict[str, Any]]) -> tuple[float, float, float, 
     return paired_gain(pre["correct"], scratch["correct"])
 
 
+def _finetuned(ctx: RunContext) -> dict[str, dict[str, Any]]:
+    """Results (summaries) of the fine-tuning stages that are done, pre-trained first."""
+    return {name: ctx.stages[name].result() for name in ARMS
+            if name in ctx.stages and ctx.stages[name].done()}
+
+
 def _evaluations(ctx: RunContext) -> dict[str, dict[str, Any]]:
     """Results of the evaluate stages that are done, pre-trained first, then scratch."""
     return {name: ctx.stages[name].result() for name in ("evaluate", "evaluate-scratch")
@@ -218,17 +236,32 @@ def plot_curves(ctx: RunContext, out: Path) -> Path | None:
             axes[1].plot(*zip(*moving, strict=True), label="masked-token accuracy, moving codes")
         axes[1].plot(steps, [m["nce_acc"] for m in pre], label="contrastive accuracy")
         axes[1].set_title("pre-training accuracies")
+    finetuned = _finetuned(ctx)
     for name, rows in fts.items():
         val = [(m["step"], m["val_top1"]) for m in rows if "val_top1" in m]
         if val:
-            axes[2].plot(*zip(*val, strict=True), marker="o",
-                         label="pre-trained" if name == "finetune" else "from scratch")
+            line, = axes[2].plot(*zip(*val, strict=True), marker="o", label=ARMS[name])
+            _mark_stop(axes[2], val, finetuned.get(name, {}), ARMS[name], line.get_color())
     axes[2].set_title("fine-tuning: validation top-1\n(held out of the training split)")
     for ax in axes:
         ax.set_xlabel("update")
-        if ax.lines:
-            ax.legend(fontsize=8)
+        if ax.lines:            # accuracies rise: the lower right is where a curve is not
+            ax.legend(fontsize=7 if ax is axes[2] else 8,
+                      loc="lower right" if ax is axes[2] else "best")
     return _save(plt, fig, out / "curves.png")
+
+
+def _mark_stop(ax: Any, val: list[tuple[int, float]], summary: dict[str, Any], arm: str,
+               color: str) -> None:
+    """A star where the arm stopped, its legend saying why (runs from before the stop record
+    have none)."""
+    step, reason = summary.get("stopped_step"), summary.get("stopped")
+    if step is None or reason is None:
+        return
+    y = next((v for s, v in reversed(val) if s <= step), val[-1][1])
+    ax.plot([step], [y], marker="*", markersize=14, color=color, linestyle="none",
+            markeredgecolor="black", label=f"{arm} stopped: {STOP_WORDS.get(reason, reason)} "
+                                           f"(update {step})")
 
 
 def plot_comparison(ctx: RunContext, out: Path) -> Path | None:

@@ -40,13 +40,18 @@ class ConfigError(VimpacError, ValueError):
 
 def param(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
           le: float | None = None, choices: Sequence[Any] | None = None,
-          volatile: bool = False) -> Any:
+          volatile: bool = False, keyed_when_set: bool = False) -> Any:
     """A config field: default, one-line description and its allowed range or choices.
 
     ``volatile``: the field says how a job runs, not what it computes (worker counts, devices,
     logging and checkpoint intervals). It is left out of cache keys, and a resumed job may change
-    it (the change is logged); changing any other field on resume is refused."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "volatile": volatile}
+    it (the change is logged); changing any other field on resume is refused.
+
+    ``keyed_when_set``: a field added after results were cached whose default computes what the
+    code computed before it existed. It is part of the cache key only when it differs from its
+    default, so those results keep their keys."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "volatile": volatile,
+            "keyed_when_set": keyed_when_set}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -383,9 +388,16 @@ def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
 
 
 def result_fields(config: Any) -> dict[str, Any]:
-    """A config's non-volatile fields as plain values: what identifies its result (cache keys)."""
+    """A config's non-volatile fields as plain values: what identifies its result (cache keys).
+    A ``keyed_when_set`` field is left out while it holds its default."""
     return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)
-            if not f.metadata.get("volatile")}
+            if not f.metadata.get("volatile")
+            and not (f.metadata.get("keyed_when_set") and _is_default(config, f))}
+
+
+def _is_default(config: Any, f: dataclasses.Field) -> bool:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return _plain(getattr(config, f.name)) == _plain(default)
 
 
 def _plain(value: Any) -> Any:

@@ -27,6 +27,11 @@ class DataConfig:
                                      "labelled task, in label order")
     synth_layout: str = param("ucf101", "layout the synthetic labelled task is read from",
                               choices=("ucf101", "ssv2", "list"))
+    synth_pretrain_on: str = param("uncurated", "what the tokenizer and pre-training see: "
+                                                "uncurated (the unlabelled multi-shot videos) or "
+                                                "train (the labelled task's training split, "
+                                                "without its labels)",
+                                   choices=("uncurated", "train"))
     pretrain_inputs: list[str] = param([], "videos, folders or list files for pre-training "
                                            "(used when synthetic is false)")
     finetune_dataset: str = param("", "labelled dataset as NAME:ROOT, e.g. ucf101:/data/UCF101 "
@@ -42,3 +47,7 @@ class DataConfig:
         why = classes_problem(self.synth_classes, minimum=2)
         if self.synthetic and why:
             raise where.error("data.synth_classes", self.synth_classes, why)
+        if self.synthetic and self.synth_pretrain_on == "uncurated" \
+                and self.synth_uncurated_videos == 0:
+            raise where.error("data.synth_uncurated_videos", 0, "pre-training on uncurated "
+                              "videos needs some (or set data.synth_pretrain_on: train)")

@@ -36,16 +36,29 @@ class FinetuneConfig:
     precision: str = param("auto", "auto, bf16, fp32", choices=("auto", "bf16", "fp32"),
                            volatile=True)
     num_workers: int = param(2, "DataLoader workers", ge=0, le=64, volatile=True)
-    eval_every: float = param(1.0, "epochs between validations", gt=0)
+    eval_every: float = param(1.0, "epochs between validations (the plateau rule counts "
+                                   "validations)", gt=0)
     val_fraction: float = param(0.1, "fraction of the training split held out (by key hash) as "
                                      "the validation set that best.pt is chosen on; 0 = no "
                                      "validation, no best.pt", ge=0, le=0.5)
+    plateau_patience: int = param(0, "stop once this many validations in a row improve the "
+                                     "best top-1 by less than plateau_min_delta (epochs is then "
+                                     "the maximum budget); 0 = off: train for all epochs",
+                                  ge=0, keyed_when_set=True)
+    plateau_min_delta: float = param(0.01, "smallest rise of validation top-1 (a fraction) that "
+                                           "counts as an improvement, for the plateau rule and "
+                                           "the still-improving warning",
+                                     ge=0, le=1, keyed_when_set=True)
     seed: int = param(0, "seed", ge=0)
 
     def check(self, where: Where) -> None:
         """Rules across this section's fields."""
         check_crops(where, "finetune.view_crops", self.view_crops)
         check_scales(where, "finetune.view_scales", self.view_scales)
+        if self.plateau_patience > 0 and self.val_fraction == 0:
+            raise where.error("finetune.plateau_patience", self.plateau_patience,
+                              "the plateau rule watches the validation split: set "
+                              "finetune.val_fraction > 0 or plateau_patience: 0")
 
 
 @dataclass

@@ -10,8 +10,10 @@
        decay per update -> resume from the newest checkpoint
     -> per update: accumulate micro-batches, clip the gradient norm, step; log; validate every
        ``eval_every`` epochs on one centre clip per video; checkpoint every epoch
+    -> stop at the end of the budget (``epochs``) or, with ``plateau_patience`` > 0, once
+       validation top-1 stops rising (:mod:`vimpac.finetune.plateau`)
     -> ``final.pt`` (the last update: what the paper reports), ``best.pt`` (best validation
-       top-1), ``summary.json``.
+       top-1), ``summary.json`` (with why the run stopped).
 
 Model selection never sees the evaluation split. The validation set is carved out of the training
 split (``finetune.val_fraction`` of it, chosen by a hash of the video key: see
@@ -23,9 +25,10 @@ the best top-1 on it. With ``val_fraction = 0`` nothing is held out, nothing is 
 Updates: ``ceil(epochs * n_train / batch_size)``. The training stream is the concatenation of
 per-epoch permutations seeded by ``(seed, epoch)``; update ``u`` takes stream positions
 ``[u*B, (u+1)*B)`` and rank ``r`` every ``W``-th of them. The stream is therefore a pure function of
-the update index and a checkpoint only needs the update count; with model, optimizer, scheduler and
-every rank's RNG saved too, a resumed run ends with bitwise the same weights on CPU as an
-uninterrupted one.
+the update index and a checkpoint only needs the update count; with model, optimizer, scheduler,
+the plateau rule's state and every rank's RNG saved too, a resumed run stops at the same update
+with bitwise the same weights on CPU as an uninterrupted one. The learning-rate schedule spans the
+whole budget, also when the plateau rule stops the run earlier.
 
 Outputs (``out_dir``): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step-*.pt``, ``best.pt``,
 ``final.pt``, ``summary.json``. ``best.pt`` / ``final.pt`` hold the whole model plus what
@@ -69,6 +72,7 @@ from vimpac.common.training import MetricsLog, autocast_context, param_groups, w
 from vimpac.data.datasets import standard_splits
 from vimpac.finetune.config import FinetuneConfig
 from vimpac.finetune.data import ItemKey, SplitPart, TestClips, TrainClips, worker_context
+from vimpac.finetune.plateau import STILL_IMPROVING, Plateau, stop_record
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBackbone
 
@@ -308,7 +312,8 @@ def validate(model: nn.Module, dataset: TestClips, dist_info: DistInfo, batch: i
 # ---------------------------------------------------------------------------------------- trainer
 
 class Finetuner:
-    """Model, optimizer, schedule and the update count: everything a checkpoint restores."""
+    """Model, optimizer, schedule, the update count and the plateau rule's state: everything a
+    checkpoint restores."""
 
     def __init__(self, model: FinetuneModel, cfg: FinetuneConfig, dist_info: DistInfo,
                  total: int, init: str) -> None:
@@ -325,6 +330,7 @@ class Finetuner:
                                                            warmup_linear(total, cfg.warmup))
         self.step = 0
         self.best_top1, self.best_step, self.last_top1 = -1.0, -1, -1.0
+        self.plateau = Plateau(cfg.plateau_patience, cfg.plateau_min_delta)
 
     def parts(self) -> dict[str, Any]:
         """What a checkpoint holds state dicts of."""
@@ -334,7 +340,9 @@ class Finetuner:
         """A resumable checkpoint (a collective: every rank calls it, rank 0 writes)."""
         ckpt.save(self.step, self.parts(), {"best_top1": self.best_top1,
                                             "best_step": self.best_step,
-                                            "last_top1": self.last_top1}, main=self.dist.is_main)
+                                            "last_top1": self.last_top1,
+                                            "plateau": self.plateau.state_dict()},
+                  main=self.dist.is_main)
 
     def resume(self, ckpt: Checkpointer) -> bool:
         """Continue from the newest checkpoint of this run, if any."""
@@ -344,7 +352,13 @@ class Finetuner:
         state = resumed.state
         self.step, self.best_top1 = resumed.step, float(state["best_top1"])
         self.best_step, self.last_top1 = int(state["best_step"]), float(state["last_top1"])
+        if "plateau" in state:          # checkpoints written before the rule start it afresh
+            self.plateau.load_state_dict(state["plateau"])
         return True
+
+    def finished(self, total: int) -> bool:
+        """The whole budget is done, or the plateau rule stopped the run."""
+        return self.step == total or self.plateau.stopped
 
     def train_update(self, micro_batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
         """One optimizer update over this rank's micro-batches; loss / accuracy over all ranks."""
@@ -488,11 +502,21 @@ def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, pr
     metrics.close()
     last = trainer.last_top1 if data.val is not None else None
     summary = _summary(trainer, schedule, data, out)
-    if dist_info.is_main and trainer.step == schedule.total:
+    if trainer.finished(schedule.total):
+        _log_stop(summary)
+    if dist_info.is_main and trainer.finished(schedule.total):
         save_finetuned(out / "final.pt", trainer.raw,
                        model_info(data, cfg, init, trainer, "final", last))
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _log_stop(summary: dict[str, Any]) -> None:
+    """Why the run stopped; a warning when the budget ran out while validation still rose."""
+    if summary["stopped"] == STILL_IMPROVING:
+        log.warning("%s", summary["stop_reason"])
+    else:
+        log.info("%s", summary["stop_reason"])
 
 
 def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, schedule: Schedule,
@@ -505,7 +529,7 @@ def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, sch
     batches = iter(train_loader(data, cfg, sampler, info.device))
     task = progress.task("fine-tune", schedule.total, "update")
     task.update(completed=trainer.step)
-    while trainer.step < end:
+    while trainer.step < end and not trainer.plateau.stopped:
         micro = [next(batches) for _ in sampler.micro_batches(trainer.step)]
         stats = trainer.train_update(micro)
         epoch = trainer.step / schedule.updates_per_epoch
@@ -514,19 +538,22 @@ def _train_loop(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig, sch
         if data.val is not None and (trainer.step % schedule.eval_every == 0
                                      or trainer.step == schedule.total):
             _validate_and_keep_best(trainer, data, cfg, metrics, init, out)
-        if trainer.step % schedule.save_every == 0 or trainer.step == end:
+        if (trainer.step % schedule.save_every == 0 or trainer.step == end
+                or trainer.plateau.stopped):
             trainer.save(ckpt)
     task.close()
 
 
 def _validate_and_keep_best(trainer: Finetuner, data: FinetuneData, cfg: FinetuneConfig,
                             metrics: MetricsLog, init: str | None, out: Path) -> None:
-    """Top-1 on the validation part of the training split; ``best.pt`` when it improves."""
+    """Top-1 on the validation part of the training split; ``best.pt`` when it improves; the
+    plateau rule sees it."""
     top1 = validate(trainer.raw, data.val, trainer.dist, cfg.micro_batch, cfg.precision,
                     cfg.num_workers)
     metrics.write(trainer.step, {"val_top1": top1})
     log.info("update %d: validation top-1 %.4f", trainer.step, top1)
     trainer.last_top1 = top1
+    trainer.plateau.observe(trainer.step, top1)
     if top1 > trainer.best_top1:
         trainer.best_top1, trainer.best_step = top1, trainer.step
         if trainer.dist.is_main:
@@ -537,7 +564,10 @@ def _validate_and_keep_best(trainer: Finetuner, data: FinetuneData, cfg: Finetun
 def _summary(trainer: Finetuner, schedule: Schedule, data: FinetuneData,
              out: Path) -> dict[str, Any]:
     validated = data.val is not None and trainer.best_step >= 0
-    return {"complete": trainer.step == schedule.total, "steps": trainer.step,
+    finished = trainer.finished(schedule.total)
+    stop = stop_record(trainer.plateau, trainer.step, schedule.total, validated) if finished \
+        else {"stopped": None, "stopped_step": None, "stop_reason": None}
+    return {"complete": finished, "steps": trainer.step,
             "total_steps": schedule.total, "train_videos": len(data.train),
             "val_videos": len(data.val) if data.val is not None else 0,
             "validation": validation_info(data),
@@ -548,4 +578,5 @@ def _summary(trainer: Finetuner, schedule: Schedule, data: FinetuneData,
             "best_step": trainer.best_step if validated else None,
             "final_val_top1": trainer.last_top1 if validated else None,
             "best": str(out / "best.pt") if validated else None,
-            "final": str(out / "final.pt")}
+            "final": str(out / "final.pt"), **stop,
+            "plateau": trainer.plateau.state_dict()}

@@ -1,0 +1,241 @@
+"""Table 7 in miniature: scratch, MP and MP + CL on two synthetic tasks, fine-tuned to a plateau.
+
+The paper's Table 7 compares fine-tuning from scratch, after masked-token prediction only (MP)
+and after MP + contrastive (MP + CL). Tasks: ``five``, the ``demo`` pipeline's five kinds of motion
+(still, pan, move right, turn clockwise, approach; pre-trained as the demo is, 300 updates on the
+uncurated videos), and ``directions``, the ``demo-direction`` pipeline's eight classes that differ
+only by the direction of motion (each pair the same clip played backwards; 1,200 updates on the
+training videos without labels). Arms: ``scratch``
+(the pipeline's from-scratch fine-tuning), ``mp`` (pre-trained with
+``pretrain.contrastive_weight=0``) and ``mp+cl`` (pre-trained with the pipeline's contrastive
+weight). Every arm fine-tunes under the same rule: at most ``finetune.epochs`` = 40, stopping once
+validation top-1 has not risen by 0.01 for 4 validations (:data:`CONVERGE`; ``--set`` overrides
+it). Seed ``s`` seeds pre-training and fine-tuning (``--fixed-pretraining``: fine-tuning only);
+``--corpus-seed`` generates another corpus (``data.synth_seed``), so a setting chosen on one corpus
+can be checked on a corpus it was not chosen on.
+
+Protocol: nothing is chosen on the evaluation split. The plateau rule and ``best.pt`` look only at
+the validation part of the training split; the number reported is ``final.pt`` (``--checkpoint
+best``: ``best.pt``) on the held-out evaluation split. Each cell is the mean top-1 over seeds with
+a 95 % Student t-interval over the seeds, and each pre-trained arm's gain over scratch, paired by
+seed, with its interval; chance is 1 / classes. Every run goes through the pipeline cache
+(:mod:`benchmarks.pipeline_runs`): shared stages run once, and running the same command again after
+an interruption continues where it stopped. The JSON (rows per run: top-1, why and where
+fine-tuning stopped, seconds) is rewritten after every run.
+
+    python -m benchmarks.table7 --runs runs --corpus-seed 1 --out bench-out/table7.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.pipeline_runs import (
+    PipelineRun,
+    csv_list,
+    interval_text,
+    mean_interval,
+    run_with,
+    seed_overrides,
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    title: str
+    pipeline: str
+
+
+@dataclass(frozen=True)
+class Arm:
+    title: str
+    pretrain: list[str] = field(default_factory=list)   # overrides of a pre-trained arm
+
+
+TASKS = {"five": Task("five kinds of motion", "demo"),
+         "directions": Task("eight directions", "demo-direction")}
+ARMS = {"scratch": Arm("scratch"), "mp": Arm("MP", ["pretrain.contrastive_weight=0"]),
+        "mp+cl": Arm("MP + CL")}
+CONVERGE = ["finetune.epochs=40", "finetune.eval_every=1.0", "finetune.plateau_patience=4",
+            "finetune.plateau_min_delta=0.01"]
+
+
+@dataclass
+class Setting:
+    """What every run of the benchmark shares."""
+    config: str | None
+    runs: str
+    corpus_seed: int | None
+    checkpoint: str
+    seed_pretraining: bool
+    extra: list[str]
+
+
+def overrides(setting: Setting, layout: str, seed: int, arm: str, scratch: bool) -> list[str]:
+    """``--set`` overrides of one pipeline run: a pre-trained arm (and the scratch arm with it)."""
+    corpus = [] if setting.corpus_seed is None else [f"data.synth_seed={setting.corpus_seed}"]
+    return [*corpus, f"data.synth_layout={layout}", *seed_overrides(seed, setting.seed_pretraining),
+            *CONVERGE, f"finetune.compare_scratch={'true' if scratch else 'false'}",
+            f"evaluate.checkpoint={setting.checkpoint}", *ARMS[arm].pretrain, *setting.extra]
+
+
+def arm_row(run: PipelineRun, task: str, layout: str, seed: int, arm: str) -> dict[str, Any]:
+    """One arm of one run: its top-1 on the evaluation split and how its fine-tuning ended."""
+    ft, ev = ("finetune-scratch", "evaluate-scratch") if arm == "scratch" else \
+        ("finetune", "evaluate")
+    tuned, tested = run.result(ft), run.result(ev)
+    stages = [ft, ev] if arm == "scratch" else ["pretrain", ft, ev]
+    return {"task": task, "pipeline": run.config.name, "layout": layout, "seed": seed,
+            "corpus_seed": run.config.data.synth_seed, "pretrain_seed": run.config.pretrain.seed,
+            "arm": arm, "top1": tested["top1"], "chance": 1 / len(run.config.data.synth_classes),
+            "evaluated": tested.get("checkpoint_kind"), "eval_split": tested.get("split"),
+            "eval_videos": tested.get("videos"), "evaluated_step": tested.get("step"),
+            "evaluated_val_top1": tested.get("val_top1"), "stopped": tuned.get("stopped"),
+            "stopped_step": tuned.get("stopped_step"), "stop_reason": tuned.get("stop_reason"),
+            "steps": tuned.get("steps"), "total_steps": tuned.get("total_steps"),
+            "best_val_top1": tuned.get("best_val_top1"), "best_step": tuned.get("best_step"),
+            "run_seconds": run.seconds, "stage_seconds": run.stage_seconds(stages)}
+
+
+def runs_of(setting: Setting, task: str, layout: str, seed: int,
+            arms: list[str]) -> list[dict[str, Any]]:
+    """Rows of every arm for one (task, layout, seed). The scratch arm comes with the first
+    pre-trained arm's run (its stages do not depend on pre-training, so every run shares them);
+    asked for alone, it still runs the pipeline's MP + CL pre-training."""
+    pretrained = [a for a in arms if a != "scratch"] or ["mp+cl"]
+    rows = []
+    for i, arm in enumerate(pretrained):
+        scratch = "scratch" in arms and i == 0
+        run = run_with(TASKS[task].pipeline, setting.config, setting.runs,
+                       overrides(setting, layout, seed, arm, scratch))
+        if arm in arms:
+            rows.append(arm_row(run, task, layout, seed, arm))
+        if scratch:
+            rows.append(arm_row(run, task, layout, seed, "scratch"))
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, layout, arm): mean top-1 over seeds with its interval, the gain over scratch
+    paired by seed, chance, and why fine-tuning stopped."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["layout"], row["arm"]), []).append(row)
+    scratch = {(r["task"], r["layout"], r["seed"]): r["top1"] for r in rows
+               if r["arm"] == "scratch"}
+    out = []
+    for (task, layout, arm), mine in groups.items():
+        paired = [r["top1"] - scratch[(task, layout, r["seed"])] for r in mine
+                  if (task, layout, r["seed"]) in scratch]
+        out.append({"task": task, "layout": layout, "arm": arm, "seeds": [r["seed"] for r in mine],
+                    "top1": mean_interval([r["top1"] for r in mine]),
+                    "gain_vs_scratch": mean_interval(paired)
+                    if arm != "scratch" and paired else None,
+                    "chance": mine[0]["chance"],
+                    "stopped": dict(Counter(str(r["stopped"]) for r in mine)),
+                    "mean_steps": sum(r["steps"] or 0 for r in mine) / len(mine)})
+    return out
+
+
+def cell(summary: dict[str, Any]) -> str:
+    stops = ", ".join(f"{k} {v}" for k, v in sorted(summary["stopped"].items()))
+    text = interval_text(summary["top1"])
+    if summary["gain_vs_scratch"] is not None:
+        text += f"; gain {interval_text(summary['gain_vs_scratch'], sign=True)}"
+    return f"{text}; stopped: {stops}"
+
+
+def markdown(summary: list[dict[str, Any]], arms: list[str], checkpoint: str) -> list[str]:
+    """Rows scratch / MP / MP + CL, a column per (task, layout), chance last."""
+    columns = list(dict.fromkeys((s["task"], s["layout"]) for s in summary))
+    found = {(s["task"], s["layout"], s["arm"]): s for s in summary}
+    seeds = max((len(s["seeds"]) for s in summary), default=0)
+    lines = [f"{checkpoint}.pt on the evaluation split: top-1 in %, mean of {seeds} seeds [95 % "
+             "t-interval over seeds]; gain over scratch in points, paired by seed; why "
+             "fine-tuning stopped (runs per reason)", "",
+             "| arm | " + " | ".join(f"{TASKS[t].title} ({layout})" for t, layout in columns)
+             + " |", "|---|" + "---|" * len(columns)]
+    for arm in (a for a in ARMS if a in arms):
+        cells = [cell(found[(t, layout, arm)]) if (t, layout, arm) in found else "-"
+                 for t, layout in columns]
+        lines.append(f"| {ARMS[arm].title} | " + " | ".join(cells) + " |")
+    chance = [next(f"{100 * s['chance']:.1f} %" for s in summary
+                   if (s["task"], s["layout"]) == col) for col in columns]
+    lines.append("| chance | " + " | ".join(chance) + " |")
+    return lines
+
+
+def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[str],
+            seeds: list[int], out: Path) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    for task in tasks:
+        for layout in layouts:
+            for seed in seeds:
+                for row in runs_of(setting, task, layout, seed, arms):
+                    rows.append(row)
+                    print(f"{task:10s} {layout:6s} seed {seed} {ARMS[row['arm']].title:8s} "
+                          f"top-1 {row['top1']:6.1%} (chance {row['chance']:.1%}); "
+                          f"{row['stop_reason']}", flush=True)
+                result = {"setting": {**dataclasses.asdict(setting), "converge": CONVERGE,
+                                      "tasks": tasks, "arms": arms, "layouts": layouts,
+                                      "seeds": seeds},
+                          "complete": False, "rows": rows, "summary": summarise(rows)}
+                write_json(out, result)
+    result["complete"] = True
+    result["table"] = markdown(result["summary"], arms, setting.checkpoint)
+    write_json(out, result)
+    return result
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def choices(text: str, known: dict[str, Any], flag: str) -> list[str]:
+    items = csv_list(text)
+    unknown = [i for i in items if i not in known]
+    if unknown or not items:
+        raise SystemExit(f"{flag} {text!r}: expected names from {', '.join(known)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="five,directions", help="five, directions")
+    parser.add_argument("--arms", default="scratch,mp,mp+cl", help="scratch, mp, mp+cl")
+    parser.add_argument("--layouts", default="ssv2", help="ssv2, ucf101 (synthetic layouts)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--corpus-seed", type=int, default=None,
+                        help="data.synth_seed of the corpus (default: the pipelines')")
+    parser.add_argument("--fixed-pretraining", action="store_true",
+                        help="one pre-training run per arm (pretrain.seed from the pipeline); "
+                             "seeds vary fine-tuning only")
+    parser.add_argument("--checkpoint", choices=("final", "best"), default="final",
+                        help="model tested: final.pt, or best.pt chosen on validation")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="extra override for every run")
+    parser.add_argument("--config", default=None, help="pipelines.yaml (default: the packaged)")
+    parser.add_argument("--runs", default="runs", help="the pipeline cache folder")
+    parser.add_argument("--out", default="bench-out/table7.json")
+    args = parser.parse_args(argv)
+    setting = Setting(args.config, args.runs, args.corpus_seed, args.checkpoint,
+                      not args.fixed_pretraining, args.extra)
+    result = measure(setting, choices(args.tasks, TASKS, "--tasks"),
+                     choices(args.arms, ARMS, "--arms"), csv_list(args.layouts),
+                     [int(s) for s in csv_list(args.seeds)], Path(args.out))
+    print()
+    print("\n".join(result["table"]))
+
+
+if __name__ == "__main__":
+    main()
