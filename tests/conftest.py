@@ -129,3 +129,14 @@ def write_tar(path, members):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture
+def one_thread():
+    """Two shared cores: one intra-op thread is far faster than two fighting other processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,12 +22,7 @@ PAD = SMALL.pad_id
 GRID = dataclasses.replace(SMALL, frames=4, height=4, width=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clips(n: int, seed: int = 0) -> torch.Tensor:
