@@ -502,9 +502,10 @@ def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, pr
     metrics.close()
     last = trainer.last_top1 if data.val is not None else None
     summary = _summary(trainer, schedule, data, out)
-    if trainer.finished(schedule.total):
+    finished = trainer.finished(schedule.total)
+    if finished:
         _log_stop(summary)
-    if dist_info.is_main and trainer.finished(schedule.total):
+    if finished and dist_info.is_main:
         save_finetuned(out / "final.pt", trainer.raw,
                        model_info(data, cfg, init, trainer, "final", last))
         atomic_write_json(out / "summary.json", summary)
