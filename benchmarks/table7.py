@@ -9,7 +9,7 @@ training videos without labels). Arms: ``scratch``
 (the pipeline's from-scratch fine-tuning), ``mp`` (pre-trained with
 ``pretrain.contrastive_weight=0``) and ``mp+cl`` (pre-trained with the pipeline's contrastive
 weight). Every arm fine-tunes under the same rule: at most ``finetune.epochs`` = 40, stopping once
-validation top-1 has not risen by 0.01 for 4 validations (:data:`CONVERGE`; ``--set`` overrides
+validation top-1 has not risen by 0.01 for 8 validations (:data:`CONVERGE`; ``--set`` overrides
 it). Seed ``s`` seeds pre-training and fine-tuning (``--fixed-pretraining``: fine-tuning only);
 ``--corpus-seed`` generates another corpus (``data.synth_seed``), so a setting chosen on one corpus
 can be checked on a corpus it was not chosen on.
@@ -62,7 +62,7 @@ TASKS = {"five": Task("five kinds of motion", "demo"),
          "directions": Task("eight directions", "demo-direction")}
 ARMS = {"scratch": Arm("scratch"), "mp": Arm("MP", ["pretrain.contrastive_weight=0"]),
         "mp+cl": Arm("MP + CL")}
-CONVERGE = ["finetune.epochs=40", "finetune.eval_every=1.0", "finetune.plateau_patience=4",
+CONVERGE = ["finetune.epochs=40", "finetune.eval_every=1.0", "finetune.plateau_patience=8",
             "finetune.plateau_min_delta=0.01"]
 
 
