@@ -24,6 +24,9 @@ an interruption continues where it stopped. The JSON (rows per run: top-1, why a
 fine-tuning stopped, seconds) is rewritten after every run.
 
     python -m benchmarks.table7 --runs runs --corpus-seed 1 --out bench-out/table7.json
+
+Parts can run side by side (e.g. ``--layouts ssv2`` and ``--layouts ucf101`` in two processes with
+their own ``--runs`` and ``--out``); ``--combine A.json B.json --out T.json`` then makes one table.
 """
 
 from __future__ import annotations
@@ -194,6 +197,41 @@ def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[s
     return result
 
 
+ROW_KEYS = ("task", "layout", "seed", "arm", "top1", "chance", "stopped", "steps")
+
+
+def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
+    """One table from JSONs this benchmark wrote (e.g. one per layout, run side by side): their
+    rows together, each (task, layout, seed, arm) once, one corpus seed."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            found = data["rows"]
+            if not data.get("complete"):
+                raise SystemExit(f"{path}: the run that wrote it has not finished")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not a table7 result ({exc})") from None
+        for row in found:
+            missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise SystemExit(f"{path}: a row without {missing[0]!r}")
+        rows += found
+    seen = Counter((r["task"], r["layout"], r["seed"], r["arm"]) for r in rows)
+    twice = [k for k, n in seen.items() if n > 1]
+    if twice:
+        raise SystemExit(f"(task, layout, seed, arm) {twice[0]} is in more than one file")
+    corpora = {r.get("corpus_seed") for r in rows}
+    if len(corpora) > 1:
+        raise SystemExit(f"the files come from different corpus seeds: {sorted(map(str, corpora))}")
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    summary = summarise(rows)
+    result = {"combined": [str(p) for p in paths], "complete": True, "rows": rows,
+              "summary": summary, "table": markdown(summary, arms, checkpoint)}
+    write_json(out, result)
+    return result
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -227,7 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="pipelines.yaml (default: the packaged)")
     parser.add_argument("--runs", default="runs", help="the pipeline cache folder")
     parser.add_argument("--out", default="bench-out/table7.json")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: one table from finished results of this benchmark "
+                             "(e.g. one per layout, run side by side), written to --out")
     args = parser.parse_args(argv)
+    if args.combine:
+        result = combine(args.combine, Path(args.out), args.checkpoint)
+        print("\n".join(result["table"]))
+        return
     setting = Setting(args.config, args.runs, args.corpus_seed, args.checkpoint,
                       not args.fixed_pretraining, args.extra)
     result = measure(setting, choices(args.tasks, TASKS, "--tasks"),

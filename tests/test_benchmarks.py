@@ -131,6 +131,47 @@ def test_table7_pairs_each_arms_gain_with_scratch_by_seed(monkeypatch):
     assert lines[-1] == "| chance | 12.5 % |"
 
 
+def test_table7_combines_results_run_side_by_side_into_one_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    ssv2 = table7_rows()
+    ucf101 = [{**r, "layout": "ucf101", "top1": r["top1"] / 2} for r in ssv2]
+    for name, rows in (("a.json", ssv2), ("b.json", ucf101)):
+        (tmp_path / name).write_text(json.dumps({"complete": True, "rows": rows}))
+    out = tmp_path / "t.json"
+    main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| arm | eight directions (ssv2) | eight directions (ucf101) |" in table
+    assert "| MP | 40.0 [" in table and "| 20.0 [" in table
+    assert len(json.loads(out.read_text())["rows"]) == 12
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"complete": False, "rows": []}, "has not finished"),
+    ({"complete": True}, "not a table7 result"),
+    ({"complete": True, "rows": [{"task": "directions"}]}, "a row without 'layout'"),
+])
+def test_table7_refuses_to_combine_an_unfinished_or_foreign_file(tmp_path, monkeypatch, content,
+                                                                  message):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    (tmp_path / "a.json").write_text(json.dumps(content))
+    with pytest.raises(SystemExit, match=message):
+        main(["--combine", str(tmp_path / "a.json"), "--out", str(tmp_path / "t.json")])
+
+
+def test_table7_refuses_to_combine_the_same_run_twice(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    (tmp_path / "a.json").write_text(json.dumps({"complete": True, "rows": table7_rows()}))
+    with pytest.raises(SystemExit, match="in more than one file"):
+        main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "a.json"),
+              "--out", str(tmp_path / "t.json")])
+
+
 TABLE7_TINY = [
     "data.synth_train_per_class=4", "data.synth_val_per_class=2", "data.synth_size=32",
     "data.synth_uncurated_videos=0", "data.synth_pretrain_on=train",
