@@ -244,3 +244,41 @@ def test_pre_training_on_the_training_split_reads_its_videos_without_labels(tmp_
         assert len(paths) == 4 and all(p.endswith(suffix) for p in paths)   # 2 classes x 2
         found = collect_inputs(paths)
         assert found.dataset is None and {v.label for v in found.videos} == {-1}
+
+
+def test_a_finished_stage_records_the_machine_and_thread_count_it_ran_on(tmp_path):
+    import torch
+
+    from vimpac.config import PipelineConfig
+    from vimpac.pipeline import RunContext, Stage, _run_stage
+
+    stage = Stage("toy", "toy", lambda ctx, s: {"answer": 42}, {}, key="k",
+                  path=tmp_path / "toy" / "k")
+    _run_stage(RunContext(PipelineConfig(name="demo"), tmp_path, {"toy": stage}), stage,
+               fresh=True)
+    assert stage.result() == {"answer": 42}
+    machine = stage.machine()
+    assert machine["cpu threads"] == torch.get_num_threads()
+    assert machine["torch"] == torch.__version__ and machine["cpu"]
+
+
+@pytest.mark.parametrize("record", ["{\"result\": {\"ok\": 1", "[1, 2]", "{\"seconds\": 3}",
+                                    "{\"result\": [1]}", "\udcff"])
+def test_a_damaged_stage_record_is_one_error_naming_the_file(tmp_path, record):
+    stages = plan("demo", tmp_path)
+    done = stages["data"].path / "DONE.json"
+    done.parent.mkdir(parents=True)
+    done.write_bytes(record.encode("utf-8", "surrogateescape"))
+    with pytest.raises(PipelineError, match=r"DONE\.json: .*--force data"):
+        stages["data"].result()
+
+
+def test_a_damaged_stage_record_exits_2_through_the_cli(cli_runner, tmp_path):
+    stages = plan("demo", tmp_path)
+    done = stages["data"].path / "DONE.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{not json")
+    result = cli_runner.invoke(cli, ["--config", str(PACKAGED_CONFIG), "run", "demo",
+                                     "--dry-run", "--runs", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "DONE.json" in result.output and "Traceback" not in result.output

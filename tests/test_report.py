@@ -10,12 +10,16 @@ from vimpac.report import plot_comparison, results_table
 class FakeStage:
     path: Path
     outcome: dict = field(default_factory=dict)
+    where: dict | None = None
 
     def done(self) -> bool:
         return True
 
     def result(self) -> dict:
         return self.outcome
+
+    def machine(self) -> dict | None:
+        return self.where
 
 
 @dataclass
@@ -195,3 +199,24 @@ def test_the_accuracy_curve_marks_where_and_why_each_arm_stopped(tmp_path, monke
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pre-trained stopped: plateau (update 60)" in legends
     assert "from scratch stopped: budget, still improving (update 100)" in legends
+
+
+def test_report_says_which_machine_and_thread_count_each_stage_ran_on(tmp_path):
+    from vimpac.config import PipelineConfig
+    from vimpac.report import write_report
+
+    here = {"cpu": "AMD EPYC", "cpu threads": 2, "torch": "2.13.0+cpu", "cuda device": "none"}
+    one = dict(here, **{"cpu threads": 1})
+    stages = {}
+    for name, where in (("pretrain", here), ("finetune", here), ("finetune-scratch", one),
+                        ("evaluate", None)):
+        stages[name] = FakeStage(tmp_path / name, {}, where)
+        stages[name].name = name
+    text = Path(write_report(FakeRun(stages, PipelineConfig(name="demo")),
+                             tmp_path / "report")["report"]).read_text()
+    assert "## Where the stages ran" in text
+    assert ("- AMD EPYC, 2 CPU threads, torch 2.13.0+cpu, no CUDA device: `pretrain`, "
+            "`finetune`") in text
+    assert "- AMD EPYC, 1 CPU thread, torch 2.13.0+cpu, no CUDA device: `finetune-scratch`" \
+        in text
+    assert "- not recorded (an older run): `evaluate`" in text

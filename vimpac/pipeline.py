@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from vimpac.common.config import config_to_yaml, result_fields
+from vimpac.common.environment import machine_summary
 from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
@@ -78,8 +79,28 @@ class Stage:
     def done(self) -> bool:
         return (self.path / DONE).is_file()
 
+    def record(self) -> dict[str, Any]:
+        """The stage's ``DONE.json``: ``result`` (a dict), ``seconds``, ``finished`` and, since
+        it was recorded, ``machine`` (:func:`machine_summary`); a damaged one is an error naming
+        the file (remove its folder, or ``--force`` the stage, to run it again)."""
+        path = self.path / DONE
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PipelineError(f"{path}: unreadable stage record ({exc}); run the stage "
+                                f"again with --force {self.name}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
+            raise PipelineError(f"{path}: stage record without a 'result' object; run the "
+                                f"stage again with --force {self.name}")
+        return record
+
     def result(self) -> dict[str, Any]:
-        return json.loads((self.path / DONE).read_text())["result"]
+        return self.record()["result"]
+
+    def machine(self) -> dict[str, Any] | None:
+        """Where the stage ran (None when its record predates this field or is not a dict)."""
+        machine = self.record().get("machine")
+        return machine if isinstance(machine, dict) else None
 
 
 class PipelineError(VimpacError):
@@ -417,7 +438,7 @@ def _run_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
     result = stage.run(ctx, stage)
     seconds = time.perf_counter() - start
     atomic_write_json(stage.path / DONE, {"result": result, "seconds": seconds,
-                                          "finished": time.time()})
+                                          "finished": time.time(), "machine": machine_summary()})
     return StageOutcome(stage.name, stage.path, "ran", seconds, result)
 
 

@@ -213,6 +213,31 @@ def time_reversal_section(ctx: RunContext) -> list[str]:
     return lines
 
 
+def _machine_text(machine: dict[str, Any]) -> str:
+    cuda = machine.get("cuda device")
+    device = f"CUDA {cuda}" if cuda and cuda != "none" else "no CUDA device"
+    threads = machine.get("cpu threads", "?")
+    return (f"{machine.get('cpu', '?')}, {threads} CPU thread{'' if threads == 1 else 's'}, "
+            f"torch {machine.get('torch', '?')}, {device}")
+
+
+def machine_section(ctx: RunContext) -> list[str]:
+    """Which machine each finished stage ran on: a short training run's numbers repeat on the
+    same CPU, thread count and torch build, and land elsewhere on another."""
+    where: dict[str, list[str]] = {}
+    for stage in ctx.stages.values():
+        if stage.name != "report" and stage.done():
+            machine = stage.machine()
+            text = _machine_text(machine) if machine else "not recorded (an older run)"
+            where.setdefault(text, []).append(f"`{stage.name}`")
+    if not where:
+        return []
+    lines = ["", "## Where the stages ran", "",
+             "Training numbers repeat on the same CPU, thread count and torch build; floats "
+             "summed in another order take a short run elsewhere.", ""]
+    return lines + [f"- {text}: {', '.join(names)}" for text, names in where.items()]
+
+
 def _mean_sd(stats: dict[str, float] | None) -> str:
     return "n/a" if stats is None else f"{stats['mean']:.3g} ± {stats['std']:.2g}"
 
@@ -364,6 +389,7 @@ def write_report(ctx: RunContext, out: Path) -> dict[str, Any]:
              ctx.config.description, "", "| stage | figure | value |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += time_reversal_section(ctx)
+    lines += machine_section(ctx)
     lines += ["", "## Stage outputs", ""]
     lines += [f"- `{s.name}`: `{s.path}`" for s in ctx.stages.values() if s.name != "report"]
     for title, path in pictures:

@@ -46,6 +46,30 @@ def check_ffmpeg() -> None:
     require_supported(inspect_ffmpeg(*locate_ffmpeg()))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_summary() -> dict[str, Any]:
+    """What a training stage's numbers depend on beyond its settings: floats summed in another
+    order (another CPU or GPU, another thread count, another torch build) end a short training
+    run elsewhere. Recorded with every pipeline stage and shown in the report."""
+    import torch
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    return {"cpu": cpu_model(), "cpu threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda device": device}
+
+
 def environment_report() -> dict[str, Any]:
     import torch
 
