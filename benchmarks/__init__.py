@@ -5,15 +5,13 @@ median over repeats with its spread (min / max), next to a baseline measured in 
 and a ratio, so machine load (the benchmark machines are shared) affects both sides alike.
 
 Shared pieces live here: :class:`Scale` (sizes per ``--scale``), :class:`Stat` (median and spread),
-:class:`Figure` (one row of the results table) and :func:`machine` (what the numbers were measured
-on).
+:class:`Figure` (one row of the results table); what the numbers were measured on comes from
+``vimpac.common.environment.machine``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -163,34 +161,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory, torch build and (if any) GPU of this machine."""
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "memory_gib": mem_gib,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "torch_threads": torch.get_num_threads(),
-            "gpu": gpu, "platform": platform.platform()}
 
 
 def machine_line(info: dict[str, Any]) -> str:

@@ -14,7 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import SCALE_TABLE, SCALES, BenchResult, Figure, machine, machine_line
+from benchmarks import SCALE_TABLE, SCALES, BenchResult, Figure, machine_line
+from vimpac.common.environment import machine
 
 BENCHMARKS = ("tokenize", "loader", "training", "memory")
 MODULES = {"tokenize": "tokenize_job"}   # never a module named like the stdlib tokenize

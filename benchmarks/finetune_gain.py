@@ -27,6 +27,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.pipeline_runs import csv_list, mean_interval, run_with, seed_overrides
+from vimpac.common.environment import machine
 from vimpac.finetune.evaluate import run_probes
 
 TARGET_POINTS = 10.0
@@ -99,7 +100,7 @@ def measure(pipeline: str, config: str | None, runs: str, layouts: list[str],
                                r["frozen_linear_top1"] for r in mine),
                            "target_points": TARGET_POINTS,
                            "met": gains["mean"] >= TARGET_POINTS}
-    return {"pipeline": pipeline, "rows": rows, "summary": summary}
+    return {"pipeline": pipeline, "machine": machine(), "rows": rows, "summary": summary}
 
 
 def _mean(values) -> float | None:

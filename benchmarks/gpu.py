@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import Stat, machine, machine_line
+from benchmarks import Stat, machine_line
+from vimpac.common.environment import machine
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device name; else measured.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,

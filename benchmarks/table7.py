@@ -47,6 +47,7 @@ from benchmarks.pipeline_runs import (
     run_with,
     seed_overrides,
 )
+from vimpac.common.environment import machine
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[s
                 result = {"setting": {**dataclasses.asdict(setting), "converge": CONVERGE,
                                       "tasks": tasks, "arms": arms, "layouts": layouts,
                                       "seeds": seeds},
-                          "complete": False, "rows": rows, "summary": summarise(rows)}
+                          "machine": machine(), "complete": False, "rows": rows,
+                          "summary": summarise(rows)}
                 write_json(out, result)
     result["complete"] = True
     result["table"] = markdown(result["summary"], arms, setting.checkpoint)
@@ -204,9 +206,11 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
     """One table from JSONs this benchmark wrote (e.g. one per layout, run side by side): their
     rows together, each (task, layout, seed, arm) once, one corpus seed."""
     rows: list[dict[str, Any]] = []
+    machines: list[Any] = []
     for path in paths:
         try:
             data = json.loads(path.read_text())
+            machines.append(data.get("machine"))
             found = data["rows"]
             if not data.get("complete"):
                 raise SystemExit(f"{path}: the run that wrote it has not finished")
@@ -226,7 +230,8 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
         raise SystemExit(f"the files come from different corpus seeds: {sorted(map(str, corpora))}")
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     summary = summarise(rows)
-    result = {"combined": [str(p) for p in paths], "complete": True, "rows": rows,
+    result = {"combined": [str(p) for p in paths], "machines": machines, "complete": True,
+              "rows": rows,
               "summary": summary, "table": markdown(summary, arms, checkpoint)}
     write_json(out, result)
     return result

@@ -205,6 +205,7 @@ def test_table7_runs_every_arm_and_task_through_the_pipeline(tmp_path, monkeypat
     main(argv + [arg for s in TABLE7_TINY for arg in ("--set", s)])
     data = json.loads(out.read_text())
     assert data["complete"] and data["setting"]["corpus_seed"] == 5
+    assert data["machine"]["torch_threads"] >= 1 and data["machine"]["cpu"]
     keys = {(r["task"], r["seed"], r["arm"]) for r in data["rows"]}
     assert keys == {(t, s, a) for t in ("five", "directions") for s in (0, 1)
                     for a in ("scratch", "mp", "mp+cl")}

@@ -258,7 +258,7 @@ def test_a_finished_stage_records_the_machine_and_thread_count_it_ran_on(tmp_pat
                fresh=True)
     assert stage.result() == {"answer": 42}
     machine = stage.machine()
-    assert machine["cpu threads"] == torch.get_num_threads()
+    assert machine["torch_threads"] == torch.get_num_threads()
     assert machine["torch"] == torch.__version__ and machine["cpu"]
 
 

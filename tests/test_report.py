@@ -205,8 +205,8 @@ def test_report_says_which_machine_and_thread_count_each_stage_ran_on(tmp_path):
     from vimpac.config import PipelineConfig
     from vimpac.report import write_report
 
-    here = {"cpu": "AMD EPYC", "cpu threads": 2, "torch": "2.13.0+cpu", "cuda device": "none"}
-    one = dict(here, **{"cpu threads": 1})
+    here = {"cpu": "AMD EPYC", "torch_threads": 2, "torch": "2.13.0+cpu", "gpu": None}
+    one = dict(here, torch_threads=1)
     stages = {}
     for name, where in (("pretrain", here), ("finetune", here), ("finetune-scratch", one),
                         ("evaluate", None)):
@@ -215,8 +215,8 @@ def test_report_says_which_machine_and_thread_count_each_stage_ran_on(tmp_path):
     text = Path(write_report(FakeRun(stages, PipelineConfig(name="demo")),
                              tmp_path / "report")["report"]).read_text()
     assert "## Where the stages ran" in text
-    assert ("- AMD EPYC, 2 CPU threads, torch 2.13.0+cpu, no CUDA device: `pretrain`, "
+    assert ("- AMD EPYC, 2 CPU threads, torch 2.13.0+cpu, no GPU: `pretrain`, "
             "`finetune`") in text
-    assert "- AMD EPYC, 1 CPU thread, torch 2.13.0+cpu, no CUDA device: `finetune-scratch`" \
+    assert "- AMD EPYC, 1 CPU thread, torch 2.13.0+cpu, no GPU: `finetune-scratch`" \
         in text
     assert "- not recorded (an older run): `evaluate`" in text

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vimpac.common import environment
 from vimpac.common.config import config_to_yaml, result_fields
-from vimpac.common.environment import machine_summary
 from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
@@ -80,9 +80,9 @@ class Stage:
         return (self.path / DONE).is_file()
 
     def record(self) -> dict[str, Any]:
-        """The stage's ``DONE.json``: ``result`` (a dict), ``seconds``, ``finished`` and, since
-        it was recorded, ``machine`` (:func:`machine_summary`); a damaged one is an error naming
-        the file (remove its folder, or ``--force`` the stage, to run it again)."""
+        """The stage's ``DONE.json``: ``result`` (a dict), ``seconds``, ``finished`` and, in
+        records written since it was added, ``machine`` (:func:`environment.machine`); a damaged
+        record is an error naming the file (``--force`` the stage to run it again)."""
         path = self.path / DONE
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -438,7 +438,8 @@ def _run_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
     result = stage.run(ctx, stage)
     seconds = time.perf_counter() - start
     atomic_write_json(stage.path / DONE, {"result": result, "seconds": seconds,
-                                          "finished": time.time(), "machine": machine_summary()})
+                                          "finished": time.time(),
+                                          "machine": environment.machine()})
     return StageOutcome(stage.name, stage.path, "ran", seconds, result)
 
 

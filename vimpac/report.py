@@ -214,11 +214,10 @@ def time_reversal_section(ctx: RunContext) -> list[str]:
 
 
 def _machine_text(machine: dict[str, Any]) -> str:
-    cuda = machine.get("cuda device")
-    device = f"CUDA {cuda}" if cuda and cuda != "none" else "no CUDA device"
-    threads = machine.get("cpu threads", "?")
+    gpu = machine.get("gpu")
+    threads = machine.get("torch_threads", "?")
     return (f"{machine.get('cpu', '?')}, {threads} CPU thread{'' if threads == 1 else 's'}, "
-            f"torch {machine.get('torch', '?')}, {device}")
+            f"torch {machine.get('torch', '?')}, {f'GPU {gpu}' if gpu else 'no GPU'}")
 
 
 def machine_section(ctx: RunContext) -> list[str]:

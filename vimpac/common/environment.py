@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 from typing import Any
 
@@ -46,28 +47,44 @@ def check_ffmpeg() -> None:
     require_supported(inspect_ffmpeg(*locate_ffmpeg()))
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``; else what ``platform`` knows)."""
+def _cpuinfo() -> tuple[str, list[str]]:
+    """The CPU's model name and feature flags (Linux ``/proc/cpuinfo``; else what ``platform``
+    knows and no flags)."""
+    cpu, flags = platform.processor() or platform.machine() or "unknown", []
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
             for line in lines:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name" and value.strip():
-                    return value.strip()
+                    cpu = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return cpu, flags
 
 
-def machine_summary() -> dict[str, Any]:
-    """What a training stage's numbers depend on beyond its settings: floats summed in another
-    order (another CPU or GPU, another thread count, another torch build) end a short training
-    run elsewhere. Recorded with every pipeline stage and shown in the report."""
+def machine() -> dict[str, Any]:
+    """CPU model, cores, SIMD, memory, torch build and threads and (if any) GPU of this machine.
+
+    A short training run's numbers depend on it beyond its settings: floats summed in another
+    order (another CPU or GPU, thread count or torch build) end the run elsewhere. Every pipeline
+    stage records it, the report lists it, and the benchmarks print it.
+    """
     import torch
 
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-    return {"cpu": cpu_model(), "cpu threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda device": device}
+    cpu, flags = _cpuinfo()
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "simd": simd, "memory_gib": mem_gib,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "torch_threads": torch.get_num_threads(),
+            "gpu": gpu, "platform": platform.platform()}
 
 
 def environment_report() -> dict[str, Any]:
