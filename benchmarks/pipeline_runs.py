@@ -10,7 +10,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vimpac.config import PipelineConfig, load_pipeline
-from vimpac.pipeline import DONE, StageOutcome, run_pipeline
+from vimpac.pipeline import DONE, StageOutcome, read_stage_record, run_pipeline
 from vimpac.report import t_interval
 
 
@@ -38,9 +37,9 @@ class PipelineRun:
         """Seconds each of ``stages`` took when it ran (from its ``DONE.json``)."""
         out: dict[str, float | None] = {}
         for name in stages:
-            done = self.outcomes[name].path / DONE if name in self.outcomes else None
-            out[name] = json.loads(done.read_text()).get("seconds") \
-                if done is not None and done.is_file() else None
+            outcome = self.outcomes.get(name)
+            done = outcome is not None and (outcome.path / DONE).is_file()
+            out[name] = read_stage_record(outcome.path, name).get("seconds") if done else None
         return out
 
 

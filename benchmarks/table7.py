@@ -231,8 +231,7 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     summary = summarise(rows)
     result = {"combined": [str(p) for p in paths], "machines": machines, "complete": True,
-              "rows": rows,
-              "summary": summary, "table": markdown(summary, arms, checkpoint)}
+              "rows": rows, "summary": summary, "table": markdown(summary, arms, checkpoint)}
     write_json(out, result)
     return result
 

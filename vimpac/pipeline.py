@@ -80,19 +80,7 @@ class Stage:
         return (self.path / DONE).is_file()
 
     def record(self) -> dict[str, Any]:
-        """The stage's ``DONE.json``: ``result`` (a dict), ``seconds``, ``finished`` and, in
-        records written since it was added, ``machine`` (:func:`environment.machine`); a damaged
-        record is an error naming the file (``--force`` the stage to run it again)."""
-        path = self.path / DONE
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PipelineError(f"{path}: unreadable stage record ({exc}); run the stage "
-                                f"again with --force {self.name}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
-            raise PipelineError(f"{path}: stage record without a 'result' object; run the "
-                                f"stage again with --force {self.name}")
-        return record
+        return read_stage_record(self.path, self.name)
 
     def result(self) -> dict[str, Any]:
         return self.record()["result"]
@@ -105,6 +93,22 @@ class Stage:
 
 class PipelineError(VimpacError):
     """A pipeline that cannot be planned or run as configured."""
+
+
+def read_stage_record(folder: Path, name: str) -> dict[str, Any]:
+    """Stage ``name``'s ``folder/DONE.json``: ``result`` (a dict), ``seconds``, ``finished`` and,
+    in records written since it was added, ``machine`` (:func:`environment.machine`); a damaged
+    record is an error naming the file (``--force`` the stage to run it again)."""
+    path = folder / DONE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: unreadable stage record ({exc}); run the stage "
+                            f"again with --force {name}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
+        raise PipelineError(f"{path}: stage record without a 'result' object; run the "
+                            f"stage again with --force {name}")
+    return record
 
 
 def stable_hash(data: Any) -> str:
