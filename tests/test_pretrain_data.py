@@ -185,9 +185,7 @@ def test_a_dataloader_with_spawned_workers_delivers_the_in_process_sequence(arch
 
     stream = ClipStream([archives["a"]], spec(), rank=1, world=2, start=8)
     loader = DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    it = iter(loader)
-    got = samples(take(it, 6))
-    it._shutdown_workers()       # stop the spawned workers now, not in a later garbage collection
+    got = samples(take(iter(loader), 6))
     workers = [stream.batches(0, 2), stream.batches(1, 2)]      # taken in turn, as DataLoader does
     assert got == samples(next(workers[j % 2]) for j in range(6))
     assert sorted(got) == [p for u in range(4, 16) if u % 2 for p in (2 * u, 2 * u + 1)]
