@@ -223,3 +223,52 @@ def test_table7_runs_every_arm_and_task_through_the_pipeline(tmp_path, monkeypat
     for arm in ("scratch", "MP", "MP + CL"):
         assert f"\n| {arm} | " in table
     assert "| chance | 20.0 % | 12.5 % |" in table and "; gain " in table
+
+
+def test_arrow_of_time_clips_differ_only_by_the_order_of_their_frames(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import torch
+
+    from benchmarks.arrow_of_time import OBJECT_CODES, direction_clips
+
+    clips, labels = direction_clips(64, (5, 8, 8), 512, torch.Generator().manual_seed(0))
+    assert clips.shape == (64, 5, 8, 8) and set(labels.tolist()) == {0, 1}
+    for clip, label in zip(clips, labels, strict=True):
+        is_object = clip < OBJECT_CODES                                       # [T, H, W]
+        assert is_object.flatten(1).sum(1).tolist() == [4] * 5              # one 2x2 object
+        columns = [int(torch.nonzero(frame)[:, 1].min()) for frame in is_object]
+        step = 1 if label == 1 else -1                                      # 1 = right
+        assert columns == [columns[0] + step * t for t in range(5)]
+        assert torch.equal(clip[is_object].view(5, 4)[0].repeat(5, 1),      # same object codes
+                           clip[is_object].view(5, 4))
+        assert torch.equal(clip[0][~is_object[0] & ~is_object[-1]],         # a still background
+                           clip[-1][~is_object[0] & ~is_object[-1]])
+        reverse = clip.flip(0)                                              # the other class
+        back = [int(torch.nonzero(f < OBJECT_CODES)[:, 1].min()) for f in reverse]
+        assert back == columns[::-1]
+    # both classes visit the same cells: the first frame's column of one is the last's of the other
+    firsts = {int(lab): set() for lab in labels}
+    for clip, label in zip(clips, labels, strict=True):
+        firsts[int(label)].add(int(torch.nonzero(clip[0] < OBJECT_CODES)[:, 1].min()))
+    assert firsts[1] == {0, 1, 2} and firsts[0] == {4, 5, 6}
+
+
+def test_arrow_of_time_trains_every_arm_and_writes_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.arrow_of_time import ARMS, main
+
+    out = tmp_path / "arrow.json"
+    assert main(["--seeds", "0,1", "--steps", "3", "--pretrain-steps", "2", "--eval-every", "2",
+                 "--val-clips", "16", "--batch", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["machine"]["cpu"]
+    assert [(r["arm"], r["seed"]) for r in result["runs"]] == [
+        (arm, seed) for seed in (0, 1) for arm in ARMS]
+    for run in result["runs"]:
+        assert [step for step, _ in run["curve"]] == [0, 2, 3]
+        assert all(0.0 <= acc <= 1.0 for _, acc in run["curve"])
+        assert run["final_acc"] == run["curve"][-1][1]
+    assert result["runs"][1]["pretrain_steps"] == 2                     # the pretrained arm
+    assert result["summary"]["conv3d"]["final_acc"]["n"] == 2
+    printed = capsys.readouterr().out
+    assert "| scratch | " in printed and "chance 50 %" in printed

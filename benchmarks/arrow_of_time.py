@@ -1,0 +1,305 @@
+"""The arrow of time on token clips: can a backbone learn the order of frames at all, and does
+masked-token pre-training make it learn sooner?
+
+The direction classes of ``demo-direction`` are pairs of clips played backwards, so only the order
+of the frames tells them apart, and the ``tiny`` model does not learn them at CPU scale (README,
+"Table 7 in miniature"). This benchmark takes the video, the tokenizer and the data pipeline out
+of that question: it draws token clips directly, each a fixed background of random codes with a
+2 x 2 object of fixed codes crossing the same cells either left to right or right to left (label 0
+= left, 1 = right). The set of cells the object visits has the same distribution in both classes and
+a left clip is exactly a right clip reversed in time, so a model that does not use the order of the
+frames stays at 50 %. Data is unlimited (every update draws fresh clips), so what is measured is
+whether and when the model finds the rule, not how it generalises from a few videos.
+
+Arms (:data:`ARMS`), all from the same seed and with the same budget of fine-tuning updates:
+
+* ``scratch``: the project's backbone (``--preset``, default ``tiny``) and classification head,
+  from a random start, as ``vimpac finetune`` builds them.
+* ``pretrained``: the same, after ``--pretrain-steps`` updates of masked-token prediction (block
+  masking with the paper's Table 2 count, no contrastive loss) on unlabelled clips of both
+  directions from another random stream.
+* ``encoder``: a control, ``torch.nn.TransformerEncoder`` of the same depth and width with joint
+  attention and one learned position per token: is the difficulty this model's or a transformer's?
+* ``conv3d``: a control, two 3-D convolutions: is the task learnable by a small model at all?
+
+Each run records validation accuracy (``--val-clips`` fixed clips) every ``--eval-every`` updates
+and the first update at which it reaches ``--learned-at`` (default 0.9). The summary per arm is the
+mean final accuracy over seeds with its 95 % t-interval and how many seeds learned the rule (chance
+is 50 %). Nothing is tuned on these numbers; the settings are the demo's fine-tuning ones.
+
+    python -m benchmarks.arrow_of_time --seeds 0,1,2 --steps 2000 --out bench-out/arrow.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.pipeline_runs import csv_list, interval_text, mean_interval
+from vimpac.common.environment import machine
+from vimpac.common.fileio import atomic_write_json
+from vimpac.pretrain.losses import masked_token_loss
+from vimpac.pretrain.masking import MASKS, MaskParams, apply_mask
+from vimpac.pretrain.model import (
+    PRESETS,
+    ClassifierHead,
+    ModelConfig,
+    VimpacBackbone,
+    VimpacPretrainModel,
+)
+
+OBJECT_CODES = 8  # codes 0..7 are object codes; the background uses the others
+OBJECT_SIZE = 2  # the object covers 2 x 2 token cells
+
+
+# ------------------------------------------------------------------------------------ the clips
+
+def direction_clips(n: int, grid: tuple[int, int, int], codebook: int,
+                    generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` clips (long [n, T, H, W]) and labels (long [n]; 0 = left, 1 = right).
+
+    Background: one random code >= :data:`OBJECT_CODES` per cell, the same on every frame. Object:
+    2 x 2 random object codes, the same on every frame, on a random row; it moves one cell per
+    frame over columns ``s .. s + T - 1`` (right) or ``s + T - 1 .. s`` (left)."""
+    frames, height, width = grid
+    span = width - OBJECT_SIZE - (frames - 1)  # start columns that keep the path in the frame
+    if span < 0 or height < OBJECT_SIZE or codebook <= OBJECT_CODES:
+        raise ValueError(f"grid {grid} / codebook {codebook}: too small for a {OBJECT_SIZE}x"
+                         f"{OBJECT_SIZE} object crossing {frames} columns")
+    background = torch.randint(OBJECT_CODES, codebook, (n, 1, height, width), generator=generator)
+    clips = background.expand(n, frames, height, width).clone()
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    obj = torch.randint(0, OBJECT_CODES, (n, OBJECT_SIZE, OBJECT_SIZE), generator=generator)
+    rows = torch.randint(0, height - OBJECT_SIZE + 1, (n,), generator=generator)
+    starts = torch.randint(0, span + 1, (n,), generator=generator)
+    for i in range(n):
+        r, s = int(rows[i]), int(starts[i])
+        for t in range(frames):
+            c = s + (t if labels[i] == 1 else frames - 1 - t)
+            clips[i, t, r:r + OBJECT_SIZE, c:c + OBJECT_SIZE] = obj[i]
+    return clips, labels
+
+
+# ------------------------------------------------------------------------------------- the arms
+
+class VimpacClassifier(nn.Module):
+    """The project's backbone and fine-tuning head (CLS -> zero-initialised linear)."""
+
+    def __init__(self, config: ModelConfig, backbone: VimpacBackbone | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone or VimpacBackbone(config)
+        self.head = ClassifierHead(config.dim, 2)
+
+    def forward(self, clips: Tensor) -> Tensor:
+        return self.head(self.backbone(clips)[0])
+
+
+class EncoderControl(nn.Module):
+    """``nn.TransformerEncoder`` (post-LN, GELU) of the same size, joint attention over all
+    tokens, one learned position per token, a CLS token in front."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, tokens = config.dim, config.frames * config.height * config.width
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.pos = nn.Parameter(torch.randn(1 + tokens, d) * 0.02)
+        self.cls = nn.Parameter(torch.randn(d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, config.heads, config.mlp_dim, config.dropout,
+                                           activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, clips: Tensor) -> Tensor:
+        x = self.embed(clips.flatten(1))
+        x = torch.cat([self.cls.expand(len(x), 1, -1), x], dim=1) + self.pos
+        return self.head(self.encoder(x)[:, 0])
+
+
+class Conv3dControl(nn.Module):
+    """Token embedding -> two 3x3x3 convolutions (GELU) -> mean over the clip -> linear."""
+
+    def __init__(self, config: ModelConfig, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, 32)
+        self.convs = nn.Sequential(nn.Conv3d(32, width, 3, padding=1), nn.GELU(),
+                                   nn.Conv3d(width, width, 3, padding=1), nn.GELU())
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, clips: Tensor) -> Tensor:
+        x = self.embed(clips).permute(0, 4, 1, 2, 3)  # [B, C, T, H, W]
+        return self.head(self.convs(x).mean(dim=(2, 3, 4)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark run's settings (the command line)."""
+
+    preset: str = "tiny"
+    steps: int = 2000  # fine-tuning updates per arm
+    pretrain_steps: int = 2000  # masked-token updates of the ``pretrained`` arm
+    batch: int = 32
+    lr: float = 5e-4  # the demo's fine-tuning learning rate
+    pretrain_lr: float = 1e-3  # the demo's pre-training learning rate
+    eval_every: int = 100
+    val_clips: int = 512
+    learned_at: float = 0.9
+
+    def model_config(self) -> ModelConfig:
+        return dataclasses.replace(PRESETS[self.preset])
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        c = self.model_config()
+        return c.frames, c.height, c.width
+
+
+def pretrain_backbone(settings: Settings, seed: int) -> tuple[VimpacBackbone, dict[str, Any]]:
+    """Masked-token prediction (block masking, Table 2 count) on unlabelled clips of both
+    directions: the backbone and the last 100 updates' mean masked-token accuracy."""
+    config = settings.model_config()
+    torch.manual_seed(seed)
+    model = VimpacPretrainModel(config, proj_hidden=256)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.01)
+    data = torch.Generator().manual_seed(10_000 + seed)
+    masks = torch.Generator().manual_seed(20_000 + seed)
+    accuracies: list[float] = []
+    model.train()
+    for _ in range(settings.pretrain_steps):
+        clips, _ = direction_clips(settings.batch, settings.grid, config.codebook_size, data)
+        mask = MASKS["block"].sample((settings.batch, *settings.grid), MaskParams(), masks)
+        inputs, mask = apply_mask(clips, mask, pad_id=config.pad_id, mask_id=config.mask_id)
+        outputs = model(inputs, mask)
+        loss, accuracy = masked_token_loss(outputs["mlm_logits"], clips[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        accuracies.append(float(accuracy))
+    tail = accuracies[-100:]
+    return model.backbone, {"pretrain_steps": settings.pretrain_steps,
+                            "mlm_acc_last100": sum(tail) / max(len(tail), 1)}
+
+
+def _scratch(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    return VimpacClassifier(settings.model_config()), {}
+
+
+def _pretrained(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    backbone, info = pretrain_backbone(settings, seed)
+    return VimpacClassifier(settings.model_config(), backbone), info
+
+
+def _encoder(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    return EncoderControl(settings.model_config()), {}
+
+
+def _conv3d(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    return Conv3dControl(settings.model_config()), {}
+
+
+# arm name -> (settings, seed) -> (a model mapping clips to two logits, what its setup recorded)
+ARMS: dict[str, Callable[[Settings, int], tuple[nn.Module, dict[str, Any]]]] = {
+    "scratch": _scratch, "pretrained": _pretrained, "encoder": _encoder, "conv3d": _conv3d}
+
+
+# ------------------------------------------------------------------------------------ a run
+
+@torch.no_grad()
+def accuracy(model: nn.Module, clips: Tensor, labels: Tensor) -> float:
+    model.eval()
+    hits = sum(int((model(c).argmax(1) == y).sum()) for c, y in zip(clips.split(128),
+                                                                  labels.split(128), strict=True))
+    model.train()
+    return hits / len(labels)
+
+
+def run_arm(arm: str, seed: int, settings: Settings) -> dict[str, Any]:
+    """Train one arm from ``seed``; its validation curve, when it learned and its final accuracy."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model, info = ARMS[arm](settings, seed)
+    setup = time.perf_counter() - start
+    codebook = settings.model_config().codebook_size
+    val = direction_clips(settings.val_clips, settings.grid, codebook,
+                          torch.Generator().manual_seed(1_000_000))
+    data = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    curve: list[list[float]] = [[0, accuracy(model, *val)]]
+    model.train()
+    for step in range(1, settings.steps + 1):
+        clips, labels = direction_clips(settings.batch, settings.grid, codebook, data)
+        loss = F.cross_entropy(model(clips), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % settings.eval_every == 0 or step == settings.steps:
+            curve.append([step, accuracy(model, *val)])
+    learned = next((int(s) for s, a in curve if a >= settings.learned_at), None)
+    return {"arm": arm, "seed": seed, "final_acc": curve[-1][1], "learned_at": learned,
+            "curve": curve, "setup_seconds": setup,
+            "seconds": time.perf_counter() - start, **info}
+
+
+def summarise(rows: list[dict[str, Any]], arms: list[str], settings: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        if mine:
+            learned = [r["learned_at"] for r in mine if r["learned_at"] is not None]
+            out[arm] = {"final_acc": mean_interval([r["final_acc"] for r in mine]),
+                        "seeds": len(mine), "learned": len(learned),
+                        "learned_at": learned}
+    return out
+
+
+def table(summary: dict[str, Any], settings: Settings) -> list[str]:
+    lines = [f"final validation accuracy after {settings.steps} updates, % (mean of seeds "
+             f"[95 % t-interval]); seeds reaching {settings.learned_at:.0%} and at which update; "
+             f"chance 50 %",
+             "", "| arm | final accuracy | learned the rule |", "|---|---|---|"]
+    for arm, s in summary.items():
+        when = ", ".join(str(x) for x in s["learned_at"]) or "-"
+        lines.append(f"| {arm} | {interval_text(s['final_acc'])} | {s['learned']} of "
+                     f"{s['seeds']} (at {when}) |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", type=csv_list, default=list(ARMS))
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in csv_list(t)], default=[0, 1, 2])
+    for f in dataclasses.fields(Settings):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--out", type=Path, default=Path("bench-out/arrow-of-time.json"))
+    args = p.parse_args(argv)
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or args.preset not in PRESETS:
+        p.error(f"unknown arm(s) {unknown} or preset {args.preset!r}; arms: {', '.join(ARMS)}")
+    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            rows.append(run_arm(arm, seed, settings))
+            r = rows[-1]
+            print(f"{arm} seed {seed}: final {r['final_acc']:.3f}, learned at "
+                  f"{r['learned_at']}, {r['seconds']:.0f} s", flush=True)
+            result = {"benchmark": "arrow_of_time", "settings": dataclasses.asdict(settings),
+                      "seeds": args.seeds, "arms": args.arms, "machine": machine(),
+                      "complete": len(rows) == len(args.seeds) * len(args.arms), "runs": rows,
+                      "summary": summarise(rows, args.arms, settings)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(args.out, result)
+    print("\n".join(table(result["summary"], settings)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
