@@ -28,12 +28,17 @@ mean final accuracy over seeds with its 95 % t-interval and how many seeds learn
 is 50 %). Nothing is tuned on these numbers; the settings are the demo's fine-tuning ones.
 
     python -m benchmarks.arrow_of_time --seeds 0,1,2 --steps 2000 --out bench-out/arrow.json
+
+Arms and seeds can run side by side (``--arms scratch --seeds 1`` in one process, ``--arms
+pretrained --seeds 1`` in another, each with its own ``--out``); ``--combine A.json B.json --out
+T.json`` makes one table of finished files with the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,7 +253,8 @@ def run_arm(arm: str, seed: int, settings: Settings) -> dict[str, Any]:
             "seconds": time.perf_counter() - start, **info}
 
 
-def summarise(rows: list[dict[str, Any]], arms: list[str], settings: Settings) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
+    """Per arm: mean final accuracy over seeds with its interval, and which seeds learned."""
     out: dict[str, Any] = {}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
@@ -272,6 +278,47 @@ def table(summary: dict[str, Any], settings: Settings) -> list[str]:
     return lines
 
 
+RUN_KEYS = ("arm", "seed", "final_acc", "learned_at", "curve")
+
+
+def combine(paths: list[Path], out: Path) -> dict[str, Any]:
+    """One result from finished files of this benchmark with the same settings, each (arm, seed)
+    once; a file that is not one is a SystemExit naming it."""
+    rows: list[dict[str, Any]] = []
+    settings: dict[str, Any] | None = None
+    machines: list[Any] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("benchmark") != "arrow_of_time" or not isinstance(data.get("runs"), list):
+                raise ValueError("no arrow_of_time runs")
+            if not data.get("complete"):
+                raise SystemExit(f"{path}: the run that wrote it has not finished")
+            if settings is not None and data["settings"] != settings:
+                raise SystemExit(f"{path}: other settings than {paths[0]}")
+            settings = data["settings"]
+            machines.append(data.get("machine"))
+            for run in data["runs"]:
+                missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
+                if missing:
+                    raise ValueError(f"a run without {missing[0]!r}")
+                rows.append(run)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not an arrow_of_time result ({exc})") from None
+    keys = [(r["arm"], r["seed"]) for r in rows]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SystemExit(f"(arm, seed) {twice[0]} is in more than one file")
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    result = {"benchmark": "arrow_of_time", "combined": [str(p) for p in paths],
+              "settings": settings, "machines": machines, "complete": True,
+              "seeds": sorted({r["seed"] for r in rows}), "arms": arms, "runs": rows,
+              "summary": summarise(rows, arms)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", type=csv_list, default=list(ARMS))
@@ -279,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(Settings):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--out", type=Path, default=Path("bench-out/arrow-of-time.json"))
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="join finished result files into --out instead of running")
     args = p.parse_args(argv)
+    if args.combine:
+        result = combine(args.combine, args.out)
+        print("\n".join(table(result["summary"], Settings(**result["settings"]))))
+        return 0
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or args.preset not in PRESETS:
         p.error(f"unknown arm(s) {unknown} or preset {args.preset!r}; arms: {', '.join(ARMS)}")
@@ -294,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"benchmark": "arrow_of_time", "settings": dataclasses.asdict(settings),
                       "seeds": args.seeds, "arms": args.arms, "machine": machine(),
                       "complete": len(rows) == len(args.seeds) * len(args.arms), "runs": rows,
-                      "summary": summarise(rows, args.arms, settings)}
+                      "summary": summarise(rows, args.arms)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(args.out, result)
     print("\n".join(table(result["summary"], settings)))

@@ -272,3 +272,25 @@ def test_arrow_of_time_trains_every_arm_and_writes_its_table(tmp_path, monkeypat
     assert result["summary"]["conv3d"]["final_acc"]["n"] == 2
     printed = capsys.readouterr().out
     assert "| scratch | " in printed and "chance 50 %" in printed
+
+
+def test_arrow_of_time_combines_arms_run_side_by_side_and_refuses_a_repeat(tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.arrow_of_time import main
+
+    common = ["--steps", "2", "--eval-every", "2", "--val-clips", "8", "--batch", "2"]
+    for arm in ("scratch", "conv3d"):
+        assert main(["--arms", arm, "--seeds", "0", *common,
+                     "--out", str(tmp_path / f"{arm}.json")]) == 0
+    parts = [str(tmp_path / "scratch.json"), str(tmp_path / "conv3d.json")]
+    assert main(["--combine", *parts, "--out", str(tmp_path / "all.json")]) == 0
+    result = json.loads((tmp_path / "all.json").read_text())
+    assert [r["arm"] for r in result["runs"]] == ["scratch", "conv3d"]
+    assert set(result["summary"]) == {"scratch", "conv3d"} and len(result["machines"]) == 2
+    assert "| conv3d | " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="in more than one file"):
+        main(["--combine", parts[0], parts[0], "--out", str(tmp_path / "twice.json")])
+    (tmp_path / "bad.json").write_text('{"benchmark": "table7"}')
+    with pytest.raises(SystemExit, match="bad.json: not an arrow_of_time result"):
+        main(["--combine", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")])
