@@ -161,12 +161,3 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
-    simd = "/".join(info.get("simd") or []) or "no AVX"
-    build = f"CUDA {info['torch_cuda']}" if info.get("torch_cuda") else "CPU build"
-    return (f"{info['cpu']} ({info['cores']} cores, {simd}, {info['memory_gib']} GiB){gpu}; "
-            f"Python {info['python']}, torch {info['torch']} ({build}, "
-            f"{info['torch_threads']} threads)")

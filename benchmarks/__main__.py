@@ -14,8 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import SCALE_TABLE, SCALES, BenchResult, Figure, machine_line
-from vimpac.common.environment import machine
+from benchmarks import SCALE_TABLE, SCALES, BenchResult, Figure
+from vimpac.common.environment import describe_machine, machine
 
 BENCHMARKS = ("tokenize", "loader", "training", "memory")
 MODULES = {"tokenize": "tokenize_job"}   # never a module named like the stdlib tokenize
@@ -47,7 +47,7 @@ def met_text(fig: Figure) -> str:
 
 
 def markdown(results: list[BenchResult], info: dict, scale: str, errors: dict[str, str]) -> str:
-    lines = [f"Measured with `python -m benchmarks --scale {scale}` on {machine_line(info)}.",
+    lines = [f"Measured with `python -m benchmarks --scale {scale}` on {describe_machine(info)}.",
              "Values are medians over repeats, [min-max] in brackets; each ratio is value / "
              "baseline measured in the same run.", "",
              "| benchmark | figure | value | baseline | ratio | target | met? |",
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     scale = SCALE_TABLE[args.scale]
     info = machine()
-    print(machine_line(info), flush=True)
+    print(describe_machine(info), flush=True)
     results, errors = [], {}
     with tempfile.TemporaryDirectory(prefix="vimpac-bench-") as tmp:
         work = args.work or Path(tmp)

@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import Stat, machine_line
-from vimpac.common.environment import machine
+from benchmarks import Stat
+from vimpac.common.environment import describe_machine, machine
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device name; else measured.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print(machine_line(result["machine"]))
+    print(describe_machine(result["machine"]))
     rows = summary_rows(result)
     width = max((len(r[0]) for r in rows), default=10)
     for name, value, note in rows:

@@ -215,8 +215,22 @@ def test_report_says_which_machine_and_thread_count_each_stage_ran_on(tmp_path):
     text = Path(write_report(FakeRun(stages, PipelineConfig(name="demo")),
                              tmp_path / "report")["report"]).read_text()
     assert "## Where the stages ran" in text
-    assert ("- AMD EPYC, 2 CPU threads, torch 2.13.0+cpu, no GPU: `pretrain`, "
-            "`finetune`") in text
-    assert "- AMD EPYC, 1 CPU thread, torch 2.13.0+cpu, no GPU: `finetune-scratch`" \
-        in text
+    assert "- AMD EPYC, no GPU; torch 2.13.0+cpu (2 threads): `pretrain`, `finetune`" in text
+    assert "- AMD EPYC, no GPU; torch 2.13.0+cpu (1 thread): `finetune-scratch`" in text
     assert "- not recorded (an older run): `evaluate`" in text
+
+
+def test_a_machine_record_reads_as_one_line_and_a_damaged_one_loses_fields_not_the_line():
+    from vimpac.common.environment import describe_machine, machine
+
+    here = machine()
+    line = describe_machine(here)
+    assert here["cpu"] in line and f"torch {here['torch']}" in line
+    assert f"{here['torch_threads']} thread" in line and "\n" not in line
+    full = {"cpu": "AMD EPYC", "cores": 2, "simd": ["avx2"], "memory_gib": 23.5,
+            "python": "3.11.7", "torch": "2.13.0+cpu", "torch_cuda": None,
+            "torch_threads": 1, "gpu": "NVIDIA H100"}
+    assert describe_machine(full) == ("AMD EPYC (2 cores, avx2, 23.5 GiB), GPU NVIDIA H100; "
+                                      "Python 3.11.7, torch 2.13.0+cpu (CPU build, 1 thread)")
+    assert describe_machine({"simd": 7, "torch_threads": "x"}) == \
+        "unknown CPU (no AVX), no GPU; torch ? (x threads)"

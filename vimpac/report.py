@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vimpac.common.environment import describe_machine
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -213,13 +215,6 @@ def time_reversal_section(ctx: RunContext) -> list[str]:
     return lines
 
 
-def _machine_text(machine: dict[str, Any]) -> str:
-    gpu = machine.get("gpu")
-    threads = machine.get("torch_threads", "?")
-    return (f"{machine.get('cpu', '?')}, {threads} CPU thread{'' if threads == 1 else 's'}, "
-            f"torch {machine.get('torch', '?')}, {f'GPU {gpu}' if gpu else 'no GPU'}")
-
-
 def machine_section(ctx: RunContext) -> list[str]:
     """Which machine each finished stage ran on: a short training run's numbers repeat on the
     same CPU, thread count and torch build, and land elsewhere on another."""
@@ -227,7 +222,7 @@ def machine_section(ctx: RunContext) -> list[str]:
     for stage in ctx.stages.values():
         if stage.name != "report" and stage.done():
             machine = stage.machine()
-            text = _machine_text(machine) if machine else "not recorded (an older run)"
+            text = describe_machine(machine) if machine else "not recorded (an older run)"
             where.setdefault(text, []).append(f"`{stage.name}`")
     if not where:
         return []

@@ -87,6 +87,27 @@ def machine() -> dict[str, Any]:
             "gpu": gpu, "platform": platform.platform()}
 
 
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line for a :func:`machine` record. Records are read back from disk (a stage's
+    DONE.json, a benchmark's JSON), so a missing or older field is left out, never an error."""
+    host = [f"{info['cores']} cores" if info.get("cores") else None,
+            "/".join(map(str, info["simd"])) if isinstance(info.get("simd"), list) and info["simd"]
+            else ("no AVX" if "simd" in info else None),
+            f"{info['memory_gib']} GiB" if info.get("memory_gib") else None]
+    host_text = ", ".join(h for h in host if h)
+    threads = info.get("torch_threads")
+    build = [f"CUDA {info['torch_cuda']}" if info.get("torch_cuda") else
+             ("CPU build" if "torch_cuda" in info else None),
+             f"{threads} thread{'' if threads == 1 else 's'}" if threads else None]
+    build_text = ", ".join(b for b in build if b)
+    python = f"Python {info['python']}, " if info.get("python") else ""
+    gpu = f"GPU {info['gpu']}" if info.get("gpu") else "no GPU"
+    host_text = f" ({host_text})" if host_text else ""
+    build_text = f" ({build_text})" if build_text else ""
+    return (f"{info.get('cpu', 'unknown CPU')}{host_text}, {gpu}; "
+            f"{python}torch {info.get('torch', '?')}{build_text}")
+
+
 def environment_report() -> dict[str, Any]:
     import torch
 
