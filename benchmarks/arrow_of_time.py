@@ -31,7 +31,8 @@ is 50 %). Nothing is tuned on these numbers; the settings are the demo's fine-tu
 
 Arms and seeds can run side by side (``--arms scratch --seeds 1`` in one process, ``--arms
 pretrained --seeds 1`` in another, each with its own ``--out``); ``--combine A.json B.json --out
-T.json`` makes one table of finished files with the same settings.
+T.json`` makes one table of finished files with the same settings. The same command run again
+after an interruption keeps the runs already in ``--out`` and trains the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,6 +249,8 @@ def run_arm(arm: str, seed: int, settings: Settings) -> dict[str, Any]:
         opt.step()
         if step % settings.eval_every == 0 or step == settings.steps:
             curve.append([step, accuracy(model, *val)])
+            print(f"{arm} seed {seed}: update {step}/{settings.steps}, validation accuracy "
+                  f"{curve[-1][1]:.3f}", file=sys.stderr, flush=True)
     learned = next((int(s) for s, a in curve if a >= settings.learned_at), None)
     return {"arm": arm, "seed": seed, "final_acc": curve[-1][1], "learned_at": learned,
             "curve": curve, "setup_seconds": setup,
@@ -297,7 +301,8 @@ def combine(paths: list[Path], out: Path) -> dict[str, Any]:
             if settings is not None and data["settings"] != settings:
                 raise SystemExit(f"{path}: other settings than {paths[0]}")
             settings = data["settings"]
-            machines.append(data.get("machine"))
+            machines.extend(data["machines"] if isinstance(data.get("machines"), list)
+                            else [data.get("machine")])
             for run in data["runs"]:
                 missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
                 if missing:
@@ -337,21 +342,54 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or args.preset not in PRESETS:
         p.error(f"unknown arm(s) {unknown} or preset {args.preset!r}; arms: {', '.join(ARMS)}")
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-    rows: list[dict[str, Any]] = []
+    rows = finished_runs(args.out, settings)
     for seed in args.seeds:
         for arm in args.arms:
+            if any((r["arm"], r["seed"]) == (arm, seed) for r in rows):
+                continue
             rows.append(run_arm(arm, seed, settings))
             r = rows[-1]
             print(f"{arm} seed {seed}: final {r['final_acc']:.3f}, learned at "
                   f"{r['learned_at']}, {r['seconds']:.0f} s", flush=True)
-            result = {"benchmark": "arrow_of_time", "settings": dataclasses.asdict(settings),
-                      "seeds": args.seeds, "arms": args.arms, "machine": machine(),
-                      "complete": len(rows) == len(args.seeds) * len(args.arms), "runs": rows,
-                      "summary": summarise(rows, args.arms)}
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(args.out, result)
+            write_result(args.out, settings, args.seeds, args.arms, rows)
+    result = write_result(args.out, settings, args.seeds, args.arms, rows)
     print("\n".join(table(result["summary"], settings)))
     return 0
+
+
+def write_result(out: Path, settings: Settings, seeds: list[int], arms: list[str],
+                 rows: list[dict[str, Any]]) -> dict[str, Any]:
+    done = {(r["arm"], r["seed"]) for r in rows}
+    result = {"benchmark": "arrow_of_time", "settings": dataclasses.asdict(settings),
+              "seeds": seeds, "arms": arms, "machine": machine(),
+              "complete": all((a, s) in done for a in arms for s in seeds), "runs": rows,
+              "summary": summarise(rows, arms)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    return result
+
+
+def finished_runs(out: Path, settings: Settings) -> list[dict[str, Any]]:
+    """The runs an interrupted command with these settings left in ``out`` (none when it does
+    not exist); a file that is not such a result, or has other settings, is a SystemExit naming
+    it rather than something to overwrite."""
+    if not out.exists():
+        return []
+    try:
+        data = json.loads(out.read_text())
+        if data.get("benchmark") != "arrow_of_time" or not isinstance(data.get("runs"), list):
+            raise ValueError("no arrow_of_time runs")
+        for run in data["runs"]:
+            if not isinstance(run, dict) or any(k not in run for k in RUN_KEYS):
+                raise ValueError("a run without the keys " + ", ".join(RUN_KEYS))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SystemExit(f"{out}: not an arrow_of_time result ({exc}); remove it or pick "
+                         f"another --out") from None
+    if data.get("settings") != dataclasses.asdict(settings):
+        raise SystemExit(f"{out}: written with other settings; remove it or pick another --out")
+    if data["runs"]:
+        print(f"{out}: continuing, {len(data['runs'])} finished run(s) kept", file=sys.stderr)
+    return data["runs"]
 
 
 if __name__ == "__main__":

@@ -294,3 +294,31 @@ def test_arrow_of_time_combines_arms_run_side_by_side_and_refuses_a_repeat(tmp_p
     (tmp_path / "bad.json").write_text('{"benchmark": "table7"}')
     with pytest.raises(SystemExit, match="bad.json: not an arrow_of_time result"):
         main(["--combine", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.json")])
+    again = main(["--combine", str(tmp_path / "all.json"), "--out", str(tmp_path / "re.json")])
+    assert again == 0 and len(json.loads((tmp_path / "re.json").read_text())["machines"]) == 2
+
+
+def test_arrow_of_time_run_again_keeps_finished_runs_and_refuses_a_foreign_out(tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.arrow_of_time as arrow
+
+    out = tmp_path / "arrow.json"
+    common = ["--steps", "2", "--eval-every", "2", "--val-clips", "8", "--batch", "2",
+              "--out", str(out)]
+    assert arrow.main(["--arms", "scratch,conv3d", "--seeds", "0", *common]) == 0
+    first = json.loads(out.read_text())["runs"]
+    trained: list[tuple[str, int]] = []
+    run_arm = arrow.run_arm
+    monkeypatch.setattr(arrow, "run_arm", lambda arm, seed, settings: trained.append(
+        (arm, seed)) or run_arm(arm, seed, settings))
+    assert arrow.main(["--arms", "scratch,conv3d", "--seeds", "0,1", *common]) == 0
+    assert trained == [("scratch", 1), ("conv3d", 1)]                 # seed 0 was not redone
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["runs"][:2] == first and len(result["runs"]) == 4
+    assert "continuing, 2 finished run(s) kept" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="arrow.json: written with other settings"):
+        arrow.main(["--arms", "scratch", "--seeds", "0", *common, "--lr", "0.1"])
+    out.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="arrow.json: not an arrow_of_time result"):
+        arrow.main(["--arms", "scratch", "--seeds", "0", *common])
