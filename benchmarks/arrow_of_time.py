@@ -18,6 +18,9 @@ Arms (:data:`ARMS`), all from the same seed and with the same budget of fine-tun
 * ``pretrained``: the same, after ``--pretrain-steps`` updates of masked-token prediction (block
   masking with the paper's Table 2 count, no contrastive loss) on unlabelled clips of both
   directions from another random stream.
+* ``mean-pool``: the ``scratch`` backbone with the head on the mean of its token features
+  instead of the CLS (which averages its attention outputs over every 1-D sequence): is the
+  difficulty the CLS readout's?
 * ``encoder``: a control, ``torch.nn.TransformerEncoder`` of the same depth and width with joint
   attention and one learned position per token: is the difficulty this model's or a transformer's?
 * ``conv3d``: a control, two 3-D convolutions: is the task learnable by a small model at all?
@@ -99,15 +102,19 @@ def direction_clips(n: int, grid: tuple[int, int, int], codebook: int,
 # ------------------------------------------------------------------------------------- the arms
 
 class VimpacClassifier(nn.Module):
-    """The project's backbone and fine-tuning head (CLS -> zero-initialised linear)."""
+    """The project's backbone and fine-tuning head (CLS -> zero-initialised linear); with
+    ``pool="mean"`` the head reads the mean of the token features instead of the CLS."""
 
-    def __init__(self, config: ModelConfig, backbone: VimpacBackbone | None = None) -> None:
+    def __init__(self, config: ModelConfig, backbone: VimpacBackbone | None = None,
+                 pool: str = "cls") -> None:
         super().__init__()
         self.backbone = backbone or VimpacBackbone(config)
         self.head = ClassifierHead(config.dim, 2)
+        self.pool = pool
 
     def forward(self, clips: Tensor) -> Tensor:
-        return self.head(self.backbone(clips)[0])
+        cls, tokens = self.backbone(clips)
+        return self.head(cls if self.pool == "cls" else tokens.mean(dim=(1, 2, 3)))
 
 
 class EncoderControl(nn.Module):
@@ -204,6 +211,10 @@ def _pretrained(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any
     return VimpacClassifier(settings.model_config(), backbone), info
 
 
+def _mean_pool(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    return VimpacClassifier(settings.model_config(), pool="mean"), {}
+
+
 def _encoder(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     return EncoderControl(settings.model_config()), {}
 
@@ -214,7 +225,8 @@ def _conv3d(settings: Settings, seed: int) -> tuple[nn.Module, dict[str, Any]]:
 
 # arm name -> (settings, seed) -> (a model mapping clips to two logits, what its setup recorded)
 ARMS: dict[str, Callable[[Settings, int], tuple[nn.Module, dict[str, Any]]]] = {
-    "scratch": _scratch, "pretrained": _pretrained, "encoder": _encoder, "conv3d": _conv3d}
+    "scratch": _scratch, "pretrained": _pretrained, "mean-pool": _mean_pool,
+    "encoder": _encoder, "conv3d": _conv3d}
 
 
 # ------------------------------------------------------------------------------------ a run
