@@ -187,7 +187,7 @@ def pretrain_backbone(settings: Settings, seed: int) -> tuple[VimpacBackbone, di
     masks = torch.Generator().manual_seed(20_000 + seed)
     accuracies: list[float] = []
     model.train()
-    for _ in range(settings.pretrain_steps):
+    for step in range(1, settings.pretrain_steps + 1):
         clips, _ = direction_clips(settings.batch, settings.grid, config.codebook_size, data)
         mask = MASKS["block"].sample((settings.batch, *settings.grid), MaskParams(), masks)
         inputs, mask = apply_mask(clips, mask, pad_id=config.pad_id, mask_id=config.mask_id)
@@ -197,6 +197,10 @@ def pretrain_backbone(settings: Settings, seed: int) -> tuple[VimpacBackbone, di
         loss.backward()
         opt.step()
         accuracies.append(float(accuracy))
+        if step % 100 == 0 or step == settings.pretrain_steps:
+            print(f"pre-training seed {seed}: update {step}/{settings.pretrain_steps}, "
+                  f"masked-token accuracy {sum(accuracies[-100:]) / len(accuracies[-100:]):.3f}",
+                  file=sys.stderr, flush=True)
     tail = accuracies[-100:]
     return model.backbone, {"pretrain_steps": settings.pretrain_steps,
                             "mlm_acc_last100": sum(tail) / max(len(tail), 1)}
