@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -273,8 +274,17 @@ def run_arm(arm: str, seed: int, settings: Settings) -> dict[str, Any]:
             "seconds": time.perf_counter() - start, **info}
 
 
+def fisher_one_sided(hits: int, n: int, base_hits: int, base_n: int) -> float:
+    """Fisher's exact test, one-sided: the chance of ``hits`` or more of ``n`` seeds learning
+    when the ``hits + base_hits`` seeds that learned fell at random between the two arms."""
+    total, learned = n + base_n, hits + base_hits
+    return sum(math.comb(learned, k) * math.comb(total - learned, n - k)
+               for k in range(hits, min(n, learned) + 1)) / math.comb(total, n)
+
+
 def summarise(rows: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
-    """Per arm: mean final accuracy over seeds with its interval, and which seeds learned."""
+    """Per arm: mean final accuracy over seeds with its interval, which seeds learned and, beside
+    ``scratch``, the one-sided Fisher exact p of learning more often than ``scratch``."""
     out: dict[str, Any] = {}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
@@ -283,6 +293,12 @@ def summarise(rows: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             out[arm] = {"final_acc": mean_interval([r["final_acc"] for r in mine]),
                         "seeds": len(mine), "learned": len(learned),
                         "learned_at": learned}
+    if "scratch" in out:
+        base = out["scratch"]
+        for arm, entry in out.items():
+            if arm != "scratch":
+                entry["learned_vs_scratch_p"] = fisher_one_sided(
+                    entry["learned"], entry["seeds"], base["learned"], base["seeds"])
     return out
 
 
@@ -290,11 +306,13 @@ def table(summary: dict[str, Any], settings: Settings) -> list[str]:
     lines = [f"final validation accuracy after {settings.steps} updates, % (mean of seeds "
              f"[95 % t-interval]); seeds reaching {settings.learned_at:.0%} and at which update; "
              f"chance 50 %",
-             "", "| arm | final accuracy | learned the rule |", "|---|---|---|"]
+             "", "| arm | final accuracy | learned the rule | learns more often than scratch: "
+             "one-sided Fisher p |", "|---|---|---|---|"]
     for arm, s in summary.items():
         when = ", ".join(str(x) for x in s["learned_at"]) or "-"
+        p = s.get("learned_vs_scratch_p")
         lines.append(f"| {arm} | {interval_text(s['final_acc'])} | {s['learned']} of "
-                     f"{s['seeds']} (at {when}) |")
+                     f"{s['seeds']} (at {when}) | {'-' if p is None else f'{p:.3f}'} |")
     return lines
 
 

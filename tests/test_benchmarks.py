@@ -298,6 +298,24 @@ def test_arrow_of_time_combines_arms_run_side_by_side_and_refuses_a_repeat(tmp_p
     assert again == 0 and len(json.loads((tmp_path / "re.json").read_text())["machines"]) == 2
 
 
+def test_arrow_of_time_tests_learning_more_often_than_scratch_with_fishers_exact_test(
+        monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.arrow_of_time import fisher_one_sided, summarise
+
+    assert fisher_one_sided(4, 5, 0, 5) == pytest.approx(6 / 252)    # C(4,4) C(6,1) / C(10,5)
+    assert fisher_one_sided(3, 3, 0, 3) == pytest.approx(1 / 20)
+    assert fisher_one_sided(0, 3, 0, 3) == 1.0 and fisher_one_sided(1, 2, 2, 2) == 1.0
+    rows = [{"arm": arm, "seed": seed, "final_acc": 1.0 if learned else 0.5,
+             "learned_at": 200 if learned else None}
+            for arm, outcomes in (("scratch", (0, 0, 0)), ("pretrained", (1, 1, 0)))
+            for seed, learned in enumerate(outcomes)]
+    summary = summarise(rows, ["scratch", "pretrained"])
+    assert "learned_vs_scratch_p" not in summary["scratch"]
+    assert summary["pretrained"]["learned_vs_scratch_p"] == pytest.approx(0.2)
+    assert summary["pretrained"]["learned"] == 2
+
+
 def test_arrow_of_time_run_again_keeps_finished_runs_and_refuses_a_foreign_out(tmp_path,
                                                                               monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
