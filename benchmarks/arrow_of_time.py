@@ -27,8 +27,9 @@ Arms (:data:`ARMS`), all from the same seed and with the same budget of fine-tun
 
 Each run records validation accuracy (``--val-clips`` fixed clips) every ``--eval-every`` updates
 and the first update at which it reaches ``--learned-at`` (default 0.9). The summary per arm is the
-mean final accuracy over seeds with its 95 % t-interval and how many seeds learned the rule (chance
-is 50 %). Nothing is tuned on these numbers; the settings are the demo's fine-tuning ones.
+mean final accuracy over seeds with its 95 % t-interval, how many seeds learned the rule (chance
+is 50 %) and, beside ``scratch``, the one-sided Fisher exact p of learning it in more seeds.
+Nothing is tuned on these numbers; the settings are the demo's fine-tuning ones.
 
     python -m benchmarks.arrow_of_time --seeds 0,1,2 --steps 2000 --out bench-out/arrow.json
 
