@@ -320,6 +320,23 @@ def table(summary: dict[str, Any], settings: Settings) -> list[str]:
 RUN_KEYS = ("arm", "seed", "final_acc", "learned_at", "curve")
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file of this benchmark whose runs all have :data:`RUN_KEYS`; anything else is a
+    SystemExit naming the file."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("benchmark") != "arrow_of_time" \
+                or not isinstance(data.get("runs"), list):
+            raise ValueError("no arrow_of_time runs")
+        for run in data["runs"]:
+            missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
+            if missing:
+                raise ValueError(f"a run without {missing[0]!r}")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: not an arrow_of_time result ({exc})") from None
+    return data
+
+
 def combine(paths: list[Path], out: Path) -> dict[str, Any]:
     """One result from finished files of this benchmark with the same settings, each (arm, seed)
     once; a file that is not one is a SystemExit naming it."""
@@ -327,24 +344,15 @@ def combine(paths: list[Path], out: Path) -> dict[str, Any]:
     settings: dict[str, Any] | None = None
     machines: list[Any] = []
     for path in paths:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("benchmark") != "arrow_of_time" or not isinstance(data.get("runs"), list):
-                raise ValueError("no arrow_of_time runs")
-            if not data.get("complete"):
-                raise SystemExit(f"{path}: the run that wrote it has not finished")
-            if settings is not None and data["settings"] != settings:
-                raise SystemExit(f"{path}: other settings than {paths[0]}")
-            settings = data["settings"]
-            machines.extend(data["machines"] if isinstance(data.get("machines"), list)
-                            else [data.get("machine")])
-            for run in data["runs"]:
-                missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
-                if missing:
-                    raise ValueError(f"a run without {missing[0]!r}")
-                rows.append(run)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{path}: not an arrow_of_time result ({exc})") from None
+        data = read_result(path)
+        if not data.get("complete"):
+            raise SystemExit(f"{path}: the run that wrote it has not finished")
+        if settings is not None and data.get("settings") != settings:
+            raise SystemExit(f"{path}: other settings than {paths[0]}")
+        settings = data.get("settings")
+        machines.extend(data["machines"] if isinstance(data.get("machines"), list)
+                        else [data.get("machine")])
+        rows.extend(data["runs"])
     keys = [(r["arm"], r["seed"]) for r in rows]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
@@ -410,16 +418,7 @@ def finished_runs(out: Path, settings: Settings) -> list[dict[str, Any]]:
     it rather than something to overwrite."""
     if not out.exists():
         return []
-    try:
-        data = json.loads(out.read_text())
-        if data.get("benchmark") != "arrow_of_time" or not isinstance(data.get("runs"), list):
-            raise ValueError("no arrow_of_time runs")
-        for run in data["runs"]:
-            if not isinstance(run, dict) or any(k not in run for k in RUN_KEYS):
-                raise ValueError("a run without the keys " + ", ".join(RUN_KEYS))
-    except (OSError, ValueError, AttributeError) as exc:
-        raise SystemExit(f"{out}: not an arrow_of_time result ({exc}); remove it or pick "
-                         f"another --out") from None
+    data = read_result(out)
     if data.get("settings") != dataclasses.asdict(settings):
         raise SystemExit(f"{out}: written with other settings; remove it or pick another --out")
     if data["runs"]:
