@@ -8,8 +8,11 @@ of that question: it draws token clips directly, each a fixed background of rand
 2 x 2 object of fixed codes crossing the same cells either left to right or right to left (label 0
 = left, 1 = right). The set of cells the object visits has the same distribution in both classes and
 a left clip is exactly a right clip reversed in time, so a model that does not use the order of the
-frames stays at 50 %. Data is unlimited (every update draws fresh clips), so what is measured is
-whether and when the model finds the rule, not how it generalises from a few videos.
+frames stays at 50 %. By default data is unlimited (every update draws fresh clips), so what is
+measured is whether and when the model finds the rule, not how it generalises from a few videos.
+``--train-clips N`` instead draws one fixed set of ``N`` clips per seed, which pre-training
+(without the labels) and fine-tuning both go through in shuffled epochs, as ``demo-direction``
+does with its 320 training videos; the validation clips are always other ones.
 
 Arms (:data:`ARMS`), all from the same seed and with the same budget of fine-tuning updates:
 
@@ -168,6 +171,7 @@ class Settings:
     eval_every: int = 100
     val_clips: int = 512
     learned_at: float = 0.9
+    train_clips: int = 0  # a fixed set of this many training clips per seed; 0: fresh clips
 
     def model_config(self) -> ModelConfig:
         return dataclasses.replace(PRESETS[self.preset])
@@ -178,6 +182,30 @@ class Settings:
         return c.frames, c.height, c.width
 
 
+Draw = Callable[[], tuple[Tensor, Tensor]]  # the next batch of clips and labels
+
+
+def clip_stream(settings: Settings, seed: int, order: torch.Generator) -> Draw:
+    """Batches of training clips: fresh ones from ``order`` (``train_clips == 0``), or shuffled
+    epochs over the seed's fixed set of ``train_clips`` clips (the same set for pre-training
+    and fine-tuning), ``order`` drawing the shuffles."""
+    codebook = settings.model_config().codebook_size
+    if settings.train_clips == 0:
+        return lambda: direction_clips(settings.batch, settings.grid, codebook, order)
+    clips, labels = direction_clips(settings.train_clips, settings.grid, codebook,
+                                    torch.Generator().manual_seed(30_000 + seed))
+    queue: list[Tensor] = []
+
+    def draw() -> tuple[Tensor, Tensor]:
+        while sum(len(q) for q in queue) < settings.batch:
+            queue.append(torch.randperm(settings.train_clips, generator=order))
+        picked = torch.cat(queue)
+        queue[:] = [picked[settings.batch:]]
+        return clips[picked[:settings.batch]], labels[picked[:settings.batch]]
+
+    return draw
+
+
 def pretrain_backbone(settings: Settings, seed: int) -> tuple[VimpacBackbone, dict[str, Any]]:
     """Masked-token prediction (block masking, Table 2 count) on unlabelled clips of both
     directions: the backbone and the last 100 updates' mean masked-token accuracy."""
@@ -185,12 +213,12 @@ def pretrain_backbone(settings: Settings, seed: int) -> tuple[VimpacBackbone, di
     torch.manual_seed(seed)
     model = VimpacPretrainModel(config, proj_hidden=256)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.01)
-    data = torch.Generator().manual_seed(10_000 + seed)
+    draw = clip_stream(settings, seed, torch.Generator().manual_seed(10_000 + seed))
     masks = torch.Generator().manual_seed(20_000 + seed)
     accuracies: list[float] = []
     model.train()
     for step in range(1, settings.pretrain_steps + 1):
-        clips, _ = direction_clips(settings.batch, settings.grid, config.codebook_size, data)
+        clips, _ = draw()
         mask = MASKS["block"].sample((settings.batch, *settings.grid), MaskParams(), masks)
         inputs, mask = apply_mask(clips, mask, pad_id=config.pad_id, mask_id=config.mask_id)
         outputs = model(inputs, mask)
@@ -255,12 +283,12 @@ def run_arm(arm: str, seed: int, settings: Settings) -> dict[str, Any]:
     codebook = settings.model_config().codebook_size
     val = direction_clips(settings.val_clips, settings.grid, codebook,
                           torch.Generator().manual_seed(1_000_000))
-    data = torch.Generator().manual_seed(seed)
+    draw = clip_stream(settings, seed, torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     curve: list[list[float]] = [[0, accuracy(model, *val)]]
     model.train()
     for step in range(1, settings.steps + 1):
-        clips, labels = direction_clips(settings.batch, settings.grid, codebook, data)
+        clips, labels = draw()
         loss = F.cross_entropy(model(clips), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -332,8 +360,14 @@ def read_result(path: Path) -> dict[str, Any]:
             missing = [k for k in RUN_KEYS if not isinstance(run, dict) or k not in run]
             if missing:
                 raise ValueError(f"a run without {missing[0]!r}")
+        known = dataclasses.asdict(Settings())
+        settings = data.get("settings")
+        unknown = [k for k in settings if k not in known] if isinstance(settings, dict) else []
+        if not isinstance(settings, dict) or unknown:
+            raise ValueError(f"settings {unknown[0]!r} unknown" if unknown else "no settings")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"{path}: not an arrow_of_time result ({exc})") from None
+    data["settings"] = {**known, **settings}  # files from before a setting existed: its default
     return data
 
 
@@ -384,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown or args.preset not in PRESETS:
         p.error(f"unknown arm(s) {unknown} or preset {args.preset!r}; arms: {', '.join(ARMS)}")
+    if args.train_clips < 0:
+        p.error(f"--train-clips {args.train_clips}: 0 (fresh clips) or a number of clips")
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     rows = finished_runs(args.out, settings)
     for seed in args.seeds:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {"tokenize", "loader", "training", "loader-memory"}
@@ -227,7 +228,6 @@ def test_table7_runs_every_arm_and_task_through_the_pipeline(tmp_path, monkeypat
 
 def test_arrow_of_time_clips_differ_only_by_the_order_of_their_frames(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    import torch
 
     from benchmarks.arrow_of_time import OBJECT_CODES, direction_clips
 
@@ -251,6 +251,60 @@ def test_arrow_of_time_clips_differ_only_by_the_order_of_their_frames(monkeypatc
     for clip, label in zip(clips, labels, strict=True):
         firsts[int(label)].add(int(torch.nonzero(clip[0] < OBJECT_CODES)[:, 1].min()))
     assert firsts[1] == {0, 1, 2} and firsts[0] == {4, 5, 6}
+
+
+def test_arrow_of_time_train_clips_go_through_one_fixed_set_per_seed_in_shuffled_epochs(
+        monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.arrow_of_time import Settings, clip_stream, direction_clips
+
+    fresh = clip_stream(Settings(batch=4), 0, torch.Generator().manual_seed(7))
+    same = direction_clips(4, Settings().grid, 512, torch.Generator().manual_seed(7))
+    assert all(torch.equal(a, b) for a, b in zip(fresh(), same, strict=True))  # as before
+
+    def batches(seed: int, order: int, n: int) -> tuple[list[bytes], torch.Tensor]:
+        draw = clip_stream(Settings(batch=4, train_clips=6), seed,
+                           torch.Generator().manual_seed(order))
+        drawn = [draw() for _ in range(n)]
+        clips = torch.cat([c for c, _ in drawn])
+        labels = torch.cat([y for _, y in drawn])
+        for clip, label in zip(clips, labels, strict=True):  # each clip keeps its own label
+            first = int(torch.nonzero(clip[0] < 8)[:, 1].min())
+            last = int(torch.nonzero(clip[-1] < 8)[:, 1].min())
+            assert (last > first) == bool(label)
+        return [c.numpy().tobytes() for c in clips], labels
+
+    tuning, _ = batches(0, order=0, n=3)            # 12 clips: two epochs of the 6
+    assert len(set(tuning)) == 6 and all(tuning.count(c) == 2 for c in tuning)
+    assert len(set(tuning[:6])) == 6               # the first epoch has every clip once
+    pretraining, _ = batches(0, order=10_000, n=3)
+    assert set(pretraining) == set(tuning) and pretraining != tuning  # same set, other order
+    assert not set(batches(1, order=0, n=3)[0]) & set(tuning)         # another seed, other set
+
+
+def test_arrow_of_time_reads_results_from_before_a_setting_and_refuses_unknown_ones(
+        tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.arrow_of_time import main, read_result
+
+    out = tmp_path / "old.json"
+    common = ["--arms", "conv3d", "--seeds", "0", "--steps", "2", "--eval-every", "2",
+              "--val-clips", "8", "--batch", "2", "--out", str(out)]
+    assert main(common) == 0
+    data = json.loads(out.read_text())
+    del data["settings"]["train_clips"]            # as files written before it existed
+    out.write_text(json.dumps(data))
+    assert read_result(out)["settings"]["train_clips"] == 0
+    assert main(common) == 0                       # continues: the same settings
+    with pytest.raises(SystemExit, match="old.json: written with other settings"):
+        main([*common, "--train-clips", "16"])
+    data["settings"]["colour"] = 1
+    out.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="old.json: not an arrow_of_time result .settings "
+                                         "'colour' unknown"):
+        main(["--combine", str(out), "--out", str(tmp_path / "all.json")])
+    with pytest.raises(SystemExit):
+        main([*common[:-2], "--train-clips", "-1", "--out", str(tmp_path / "new.json")])
 
 
 def test_arrow_of_time_trains_every_arm_and_writes_its_table(tmp_path, monkeypatch, capsys):
