@@ -307,6 +307,14 @@ def test_arrow_of_time_reads_results_from_before_a_setting_and_refuses_unknown_o
         main([*common[:-2], "--train-clips", "-1", "--out", str(tmp_path / "new.json")])
 
 
+def test_arrow_of_time_moving_code_accuracy_counts_the_last_hundred_updates(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.arrow_of_time import _moving_tail
+
+    assert _moving_tail([(0, 50)] + [(1, 4), (3, 4)] * 50) == 0.5     # the first update is out
+    assert _moving_tail([(0, 0)]) is None                               # nothing moving masked
+
+
 def test_arrow_of_time_trains_every_arm_and_writes_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks.arrow_of_time import ARMS, main
@@ -323,6 +331,7 @@ def test_arrow_of_time_trains_every_arm_and_writes_its_table(tmp_path, monkeypat
         assert all(0.0 <= acc <= 1.0 for _, acc in run["curve"])
         assert run["final_acc"] == run["curve"][-1][1]
     assert result["runs"][1]["pretrain_steps"] == 2                     # the pretrained arm
+    assert 0.0 <= result["runs"][1]["mlm_acc_moving_last100"] <= 1.0
     assert result["summary"]["conv3d"]["final_acc"]["n"] == 2
     printed = capsys.readouterr().out
     assert "| scratch | " in printed and "chance 50 %" in printed
