@@ -131,6 +131,17 @@ def test_plateau_settings_are_checked_and_named(tmp_path):
         load_pipeline("p", path, ["finetune.plateau_patience=3", "finetune.val_fraction=0"])
 
 
+def test_the_fine_tuning_pool_is_a_name_in_the_pools_table(tmp_path):
+    from vimpac.pretrain.model import POOLS
+
+    path = write(tmp_path, "pipelines:\n  p: {}\n")
+    assert load_pipeline("p", path).finetune.pool == "cls"                 # the paper's
+    assert load_pipeline("p", path, ["finetune.pool=mean"]).finetune.pool == "mean"
+    with pytest.raises(ConfigError, match="finetune.pool = 'max': expected one of cls, mean"):
+        load_pipeline("p", path, ["finetune.pool=max"])
+    assert set(POOLS) == {"cls", "mean"}
+
+
 def test_a_field_added_at_its_default_leaves_the_cache_key_alone():
     """plateau_* were added after results were cached: at their defaults they are not hashed,
     so those results keep their keys; set, they are."""
@@ -141,5 +152,6 @@ def test_a_field_added_at_its_default_leaves_the_cache_key_alone():
 
     plain = result_fields(FinetuneConfig())
     assert "plateau_patience" not in plain and "plateau_min_delta" not in plain
+    assert "pool" not in plain and result_fields(FinetuneConfig(pool="mean"))["pool"] == "mean"
     on = result_fields(dataclasses.replace(FinetuneConfig(), plateau_patience=4))
     assert on["plateau_patience"] == 4 and "plateau_min_delta" not in on

@@ -26,7 +26,7 @@ from vimpac.archive import (
     make_views,
     write_archive,
 )
-from vimpac.common.checkpoint import CheckpointError, load_checkpoint
+from vimpac.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vimpac.common.training import read_metrics
 from vimpac.config import EvaluateConfig, FinetuneConfig
 from vimpac.finetune.data import (
@@ -56,7 +56,7 @@ from vimpac.finetune.train import (
     run_finetune,
 )
 from vimpac.pretrain.export import save_pretrained
-from vimpac.pretrain.model import PRESETS, VimpacBackbone, interpolate_table
+from vimpac.pretrain.model import PRESETS, VimpacBackbone, interpolate_table, token_mean
 
 CODEBOOK, PAD = 16, 17
 SMALL = dataclasses.replace(PRESETS["tiny"], codebook_size=CODEBOOK, layers=1, dim=32, heads=2,
@@ -300,6 +300,32 @@ def test_no_validation_means_no_selection_and_no_best_file(archive, tmp_path, te
     _, final = load_finetuned(tmp_path / "run" / "final.pt")
     assert final["checkpoint"] == "final" and final["val_top1"] is None
     assert not any("val_top1" in m for m in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_a_mean_pooled_head_reads_the_token_mean_and_its_files_keep_the_choice(
+        archive, tmp_path, test_preset):
+    cfg = dataclasses.replace(CFG, epochs=1, val_fraction=0.0, pool="mean")
+    run_finetune(archive, cfg, tmp_path / "run", model_preset=test_preset)
+    final = tmp_path / "run" / "final.pt"
+    model, _ = load_finetuned(final)
+    assert model.pool == "mean"
+    tokens = torch.randint(0, CODEBOOK, (2, 4, 4, 4))
+    tokens[1, -1] = model.config.pad_id                          # a padded last frame
+    cls, x = model.backbone(tokens)
+    assert torch.allclose(model.features(tokens), token_mean(tokens, x, model.config.pad_id))
+    assert torch.allclose(model.features(tokens)[1], x[1, :-1].mean((0, 1, 2)), atol=1e-6)
+    assert not torch.allclose(model.features(tokens), cls)
+    results = run_evaluate(archive, final, EvaluateConfig(test_clips=1, test_crops=["center"]),
+                           tmp_path / "eval")
+    assert 0.0 <= results["top1"] <= 1.0
+    state = load_checkpoint(final)
+    del state["pool"]                                            # a file from before the choice
+    save_checkpoint(tmp_path / "old.pt", state)
+    assert load_finetuned(tmp_path / "old.pt")[0].pool == "cls"
+    state["pool"] = "max"
+    save_checkpoint(tmp_path / "bad.pt", state)
+    with pytest.raises(CheckpointError, match="bad.pt: pool 'max' is not one of cls, mean"):
+        load_finetuned(tmp_path / "bad.pt")
 
 
 def test_pretrained_init_loads_backbone_only_classifier_missing(archive, tmp_path, test_preset):

@@ -177,6 +177,8 @@ def test_a_stage_runs_with_exactly_the_settings_its_key_hashes(tmp_path):
     ("finetune.plateau_patience=0", set()),                   # the default: off, as before
     ("finetune.plateau_patience=4", {"finetune", "finetune-scratch", "evaluate",
                                      "evaluate-scratch"}),
+    ("finetune.pool=cls", set()),                             # the default, as before
+    ("finetune.pool=mean", {"finetune", "finetune-scratch", "evaluate", "evaluate-scratch"}),
 ])
 def test_only_non_volatile_settings_move_the_keys(tmp_path, change, moves):
     """(The report folder is named by the pipeline, so it never moves.)"""

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vimpac.common.config import Where, check_crops, check_scales, param
+from vimpac.common.config import TableChoices, Where, check_crops, check_scales, param
+
+
+def _pools() -> Iterable[str]:
+    """``finetune.pool``'s choices: the POOLS table beside the model (read when a value is
+    checked, so loading a config imports no torch)."""
+    from vimpac.pretrain.model import POOLS
+
+    return POOLS
 
 
 @dataclass
@@ -49,6 +58,10 @@ class FinetuneConfig:
                                            "counts as an improvement, for the plateau rule and "
                                            "the still-improving warning",
                                      ge=0, le=1, keyed_when_set=True)
+    pool: str = param("cls", "what the classifier reads: cls (the paper) or mean (the mean of "
+                             "the token features, as MAE fine-tunes); a name in "
+                             "vimpac.pretrain.model.POOLS", choices=TableChoices(_pools),
+                      keyed_when_set=True)
     seed: int = param(0, "seed", ge=0)
 
     def check(self, where: Where) -> None:

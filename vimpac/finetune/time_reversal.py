@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.finetune.data import TestClips, worker_context
-from vimpac.pretrain.model import ModelConfig, VimpacBackbone
+from vimpac.pretrain.model import ModelConfig, VimpacBackbone, token_mean
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def backbone_features(backbone: VimpacBackbone) -> FeatureFn:
     @torch.no_grad()
     def features(tokens: Tensor) -> dict[str, Tensor]:
         cls, x = backbone(tokens)  # [B, D], [B, T, H, W, D]
-        keep = (tokens != pad_id)[..., None].to(x.dtype)  # [B, T, H, W, 1]
-        mean = (x * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3)).clamp(min=1)  # [B, D]
-        return {"cls": cls, "tokens": mean}
+        return {"cls": cls, "tokens": token_mean(tokens, x, pad_id)}
 
     return features
 

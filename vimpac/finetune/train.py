@@ -74,7 +74,13 @@ from vimpac.finetune.config import FinetuneConfig
 from vimpac.finetune.data import ItemKey, SplitPart, TestClips, TrainClips, worker_context
 from vimpac.finetune.plateau import STILL_IMPROVING, Plateau, stop_record
 from vimpac.pretrain.export import load_pretrained
-from vimpac.pretrain.model import PRESETS, ClassifierHead, ModelConfig, VimpacBackbone
+from vimpac.pretrain.model import (
+    POOLS,
+    PRESETS,
+    ClassifierHead,
+    ModelConfig,
+    VimpacBackbone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +90,22 @@ FORMAT = "vimpac-finetuned/1"
 # ------------------------------------------------------------------------------------------ model
 
 class FinetuneModel(nn.Module):
-    """Backbone CLS -> classifier head (paper App. A.2)."""
+    """Backbone CLS (or another entry of :data:`POOLS`) -> classifier head (paper App. A.2)."""
 
-    def __init__(self, backbone: VimpacBackbone, head: ClassifierHead) -> None:
+    def __init__(self, backbone: VimpacBackbone, head: ClassifierHead, pool: str = "cls") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pool = pool
 
     @property
     def config(self) -> ModelConfig:
         return self.backbone.config
 
     def features(self, tokens: Tensor) -> Tensor:
-        """tokens [B, T, H, W] -> CLS features [B, D]."""
-        return self.backbone(tokens)[0]
+        """tokens [B, T, H, W] -> the features the head reads [B, D] (``pool``)."""
+        cls, x = self.backbone(tokens)
+        return POOLS[self.pool](tokens, cls, x, self.config.pad_id)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens [B, T, H, W] -> logits [B, classes]."""
@@ -141,7 +149,7 @@ def build_model(settings: ArchiveSettings, num_classes: int, cfg: FinetuneConfig
         config = dataclasses.replace(PRESETS[model_preset], codebook_size=settings.codebook_size,
                                      **grid)
         backbone = VimpacBackbone(config)
-        return FinetuneModel(backbone, ClassifierHead(config.dim, num_classes))
+        return FinetuneModel(backbone, ClassifierHead(config.dim, num_classes), cfg.pool)
     pretrained, meta = load_pretrained(init)
     check_tokenizer(meta, settings, init, archive_root)
     if (pretrained.config.frames, pretrained.config.height) != (cfg.frames, cfg.grid):
@@ -150,7 +158,8 @@ def build_model(settings: ArchiveSettings, num_classes: int, cfg: FinetuneConfig
                  cfg.frames, cfg.grid, cfg.grid)
     pretrained.interpolate_positions(cfg.frames, cfg.grid, cfg.grid)
     config = dataclasses.replace(pretrained.config, **grid)
-    model = FinetuneModel(VimpacBackbone(config), ClassifierHead(config.dim, num_classes))
+    model = FinetuneModel(VimpacBackbone(config), ClassifierHead(config.dim, num_classes),
+                          cfg.pool)
     load_backbone_state(model, pretrained.state_dict(), init)
     return model
 
@@ -158,7 +167,7 @@ def build_model(settings: ArchiveSettings, num_classes: int, cfg: FinetuneConfig
 def save_finetuned(path: str | Path, model: FinetuneModel, info: dict[str, Any]) -> None:
     """``best.pt`` / ``final.pt``: the whole model and what evaluation needs (``info``)."""
     save_checkpoint(path, {"format": FORMAT, "model_config": dataclasses.asdict(model.config),
-                           "model": model.state_dict(), **info})
+                           "pool": model.pool, "model": model.state_dict(), **info})
 
 
 def load_finetuned(path: str | Path) -> tuple[FinetuneModel, dict[str, Any]]:
@@ -168,7 +177,11 @@ def load_finetuned(path: str | Path) -> tuple[FinetuneModel, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a vimpac fine-tuned model (expected format {FORMAT}); "
                               "pass best.pt or final.pt written by `vimpac finetune`")
     config = ModelConfig(**state["model_config"])
-    model = FinetuneModel(VimpacBackbone(config), ClassifierHead(config.dim, len(state["classes"])))
+    pool = state.get("pool", "cls")  # files from before the choice: the CLS
+    if pool not in POOLS:
+        raise CheckpointError(f"{path}: pool {pool!r} is not one of {', '.join(POOLS)}")
+    model = FinetuneModel(VimpacBackbone(config), ClassifierHead(config.dim, len(state["classes"])),
+                          pool)
     model.load_state_dict(state["model"])
     return model.eval(), {k: v for k, v in state.items() if k != "model"}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -423,6 +424,22 @@ class ClassifierHead(nn.Module):
     def forward(self, cls: Tensor) -> Tensor:
         """cls [B, D] -> logits [B, classes]."""
         return self.fc(self.drop(cls))
+
+
+def token_mean(tokens: Tensor, x: Tensor, pad_id: int) -> Tensor:
+    """The mean of the token features x [B, T, H, W, D] over the real (non-[PAD]) tokens of
+    ``tokens`` [B, T, H, W] -> [B, D]."""
+    keep = (tokens != pad_id)[..., None].to(x.dtype)  # [B, T, H, W, 1]
+    return (x * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3)).clamp(min=1)
+
+
+# What a classifier reads from the backbone: name -> (token ids, CLS [B, D], token features
+# [B, T, H, W, D], pad id) -> [B, D]. ``cls`` is the paper's (App. A.2); ``mean`` averages the
+# token features, as MAE fine-tunes its ViT ("global pool").
+POOLS: dict[str, Callable[[Tensor, Tensor, Tensor, int], Tensor]] = {
+    "cls": lambda tokens, cls, x, pad_id: cls,
+    "mean": lambda tokens, cls, x, pad_id: token_mean(tokens, x, pad_id),
+}
 
 
 # -------------------------------------------------------------------------------- pre-train model
