@@ -62,7 +62,11 @@ from torch import Tensor, nn
 from benchmarks.pipeline_runs import csv_list, interval_text, mean_interval
 from vimpac.common.environment import machine
 from vimpac.common.fileio import atomic_write_json
-from vimpac.pretrain.losses import changed_from_previous_frame, masked_token_loss
+from vimpac.pretrain.losses import (
+    changed_from_previous_frame,
+    masked_token_loss,
+    moving_counts,
+)
 from vimpac.pretrain.masking import MASKS, MaskParams, apply_mask
 from vimpac.pretrain.model import (
     PRESETS,
@@ -194,14 +198,14 @@ def clip_stream(settings: Settings, seed: int, order: torch.Generator) -> Draw:
         return lambda: direction_clips(settings.batch, settings.grid, codebook, order)
     clips, labels = direction_clips(settings.train_clips, settings.grid, codebook,
                                     torch.Generator().manual_seed(30_000 + seed))
-    queue: list[Tensor] = []
+    pending = torch.empty(0, dtype=torch.long)  # the rest of the current epoch's order
 
     def draw() -> tuple[Tensor, Tensor]:
-        while sum(len(q) for q in queue) < settings.batch:
-            queue.append(torch.randperm(settings.train_clips, generator=order))
-        picked = torch.cat(queue)
-        queue[:] = [picked[settings.batch:]]
-        return clips[picked[:settings.batch]], labels[picked[:settings.batch]]
+        nonlocal pending
+        while len(pending) < settings.batch:
+            pending = torch.cat([pending, torch.randperm(settings.train_clips, generator=order)])
+        picked, pending = pending[:settings.batch], pending[settings.batch:]
+        return clips[picked], labels[picked]
 
     return draw
 
@@ -228,9 +232,9 @@ def pretrain_backbone(settings: Settings, seed: int) -> tuple[VimpacBackbone, di
         loss.backward()
         opt.step()
         accuracies.append(float(accuracy))
-        changed = changed_from_previous_frame(clips)[mask]
-        hits = outputs["mlm_logits"].detach().argmax(dim=-1) == clips[mask]
-        moving.append((int((hits & changed).sum()), int(changed.sum())))
+        counts = moving_counts(outputs["mlm_logits"], clips[mask],
+                               changed_from_previous_frame(clips)[mask])
+        moving.append((int(counts["mlm_moving_hits"]), int(counts["mlm_moving"])))
         if step % 100 == 0 or step == settings.pretrain_steps:
             print(f"pre-training seed {seed}: update {step}/{settings.pretrain_steps}, "
                   f"masked-token accuracy {_mean_tail(accuracies):.3f}, on moving codes "
@@ -396,9 +400,9 @@ def combine(paths: list[Path], out: Path) -> dict[str, Any]:
         data = read_result(path)
         if not data.get("complete"):
             raise SystemExit(f"{path}: the run that wrote it has not finished")
-        if settings is not None and data.get("settings") != settings:
+        if settings is not None and data["settings"] != settings:
             raise SystemExit(f"{path}: other settings than {paths[0]}")
-        settings = data.get("settings")
+        settings = data["settings"]
         machines.extend(data["machines"] if isinstance(data.get("machines"), list)
                         else [data.get("machine")])
         rows.extend(data["runs"])
@@ -470,7 +474,7 @@ def finished_runs(out: Path, settings: Settings) -> list[dict[str, Any]]:
     if not out.exists():
         return []
     data = read_result(out)
-    if data.get("settings") != dataclasses.asdict(settings):
+    if data["settings"] != dataclasses.asdict(settings):
         raise SystemExit(f"{out}: written with other settings; remove it or pick another --out")
     if data["runs"]:
         print(f"{out}: continuing, {len(data['runs'])} finished run(s) kept", file=sys.stderr)

@@ -135,10 +135,15 @@ def pretrain_loss(outputs: dict[str, Tensor], targets: Tensor, *, mlm_weight: fl
     out = {"loss": total, "mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc,
            "nce_loss": nce_loss.detach(), "nce_acc": nce_acc}
     if moving is not None:
-        hits = outputs["mlm_logits"].detach().argmax(dim=-1) == targets
-        out["mlm_moving_hits"] = (hits & moving).sum().float()
-        out["mlm_moving"] = moving.sum().float()
+        out.update(moving_counts(outputs["mlm_logits"], targets, moving))
     return out
+
+
+def moving_counts(mlm_logits: Tensor, targets: Tensor, moving: Tensor) -> dict[str, Tensor]:
+    """:data:`COUNTS` of one batch: correct predictions among the masked targets that moved
+    (``moving`` [M] bool) and how many moved, as float scalars."""
+    hits = mlm_logits.detach().argmax(dim=-1) == targets
+    return {"mlm_moving_hits": (hits & moving).sum().float(), "mlm_moving": moving.sum().float()}
 
 
 def changed_from_previous_frame(tokens: Tensor) -> Tensor:
