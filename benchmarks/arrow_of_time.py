@@ -12,7 +12,7 @@ frames stays at 50 %. By default data is unlimited (every update draws fresh cli
 measured is whether and when the model finds the rule, not how it generalises from a few videos.
 ``--train-clips N`` instead draws one fixed set of ``N`` clips per seed, which pre-training
 (without the labels) and fine-tuning both go through in shuffled epochs, as ``demo-direction``
-does with its 320 training videos; the validation clips are always other ones.
+did with its earlier 320 training videos; the validation clips are always other ones.
 
 Arms (:data:`ARMS`), all from the same seed and with the same budget of fine-tuning updates:
 

@@ -4,15 +4,17 @@ The paper's Table 7 compares fine-tuning from scratch, after masked-token predic
 and after MP + contrastive (MP + CL). Tasks: ``five``, the ``demo`` pipeline's five kinds of motion
 (still, pan, move right, turn clockwise, approach; pre-trained as the demo is, 300 updates on the
 uncurated videos), and ``directions``, the ``demo-direction`` pipeline's eight classes that differ
-only by the direction of motion (each pair the same clip played backwards; 1,200 updates on the
-training videos without labels). Arms: ``scratch``
+only by the direction of motion (each pair the same clip played backwards; 3,200 training videos,
+which 1,200 pre-training updates see without labels). Arms: ``scratch``
 (the pipeline's from-scratch fine-tuning), ``mp`` (pre-trained with
 ``pretrain.contrastive_weight=0``) and ``mp+cl`` (pre-trained with the pipeline's contrastive
-weight). Every arm fine-tunes under the same rule: at most ``finetune.epochs`` = 40, stopping once
-validation top-1 has not risen by 0.01 for 8 validations (:data:`CONVERGE`; ``--set`` overrides
-it). Seed ``s`` seeds pre-training and fine-tuning (``--fixed-pretraining``: fine-tuning only);
-``--corpus-seed`` generates another corpus (``data.synth_seed``), so a setting chosen on one corpus
-can be checked on a corpus it was not chosen on.
+weight). Every arm of a task fine-tunes under the same rule: for ``five`` at most
+``finetune.epochs`` = 40, stopping once validation top-1 has not risen by 0.01 for 8 validations
+(:data:`CONVERGE`); for ``directions`` the pipeline's own (at most 16 epochs, a validation every
+half epoch, patience 6); ``--set`` overrides either. Seed ``s`` seeds pre-training and
+fine-tuning (``--fixed-pretraining``: fine-tuning only); ``--corpus-seed`` generates another
+corpus (``data.synth_seed``), so a setting chosen on one corpus can be checked on a corpus it was
+not chosen on.
 
 Protocol: nothing is chosen on the evaluation split. The plateau rule and ``best.pt`` look only at
 the validation part of the training split; the number reported is ``final.pt`` (``--checkpoint
@@ -54,6 +56,7 @@ from vimpac.common.environment import machine
 class Task:
     title: str
     pipeline: str
+    converge: tuple[str, ...] = ()   # overrides of the fine-tuning rule; () keeps the pipeline's
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,12 @@ class Arm:
     pretrain: list[str] = field(default_factory=list)   # overrides of a pre-trained arm
 
 
-TASKS = {"five": Task("five kinds of motion", "demo"),
+CONVERGE = ("finetune.epochs=40", "finetune.eval_every=1.0", "finetune.plateau_patience=8",
+            "finetune.plateau_min_delta=0.01")
+TASKS = {"five": Task("five kinds of motion", "demo", CONVERGE),
          "directions": Task("eight directions", "demo-direction")}
 ARMS = {"scratch": Arm("scratch"), "mp": Arm("MP", ["pretrain.contrastive_weight=0"]),
         "mp+cl": Arm("MP + CL")}
-CONVERGE = ["finetune.epochs=40", "finetune.eval_every=1.0", "finetune.plateau_patience=8",
-            "finetune.plateau_min_delta=0.01"]
 
 
 @dataclass
@@ -81,11 +84,12 @@ class Setting:
     extra: list[str]
 
 
-def overrides(setting: Setting, layout: str, seed: int, arm: str, scratch: bool) -> list[str]:
+def overrides(setting: Setting, task: str, layout: str, seed: int, arm: str,
+              scratch: bool) -> list[str]:
     """``--set`` overrides of one pipeline run: a pre-trained arm (and the scratch arm with it)."""
     corpus = [] if setting.corpus_seed is None else [f"data.synth_seed={setting.corpus_seed}"]
     return [*corpus, f"data.synth_layout={layout}", *seed_overrides(seed, setting.seed_pretraining),
-            *CONVERGE, f"finetune.compare_scratch={'true' if scratch else 'false'}",
+            *TASKS[task].converge, f"finetune.compare_scratch={'true' if scratch else 'false'}",
             f"evaluate.checkpoint={setting.checkpoint}", *ARMS[arm].pretrain, *setting.extra]
 
 
@@ -117,7 +121,7 @@ def runs_of(setting: Setting, task: str, layout: str, seed: int,
     for i, arm in enumerate(pretrained):
         scratch = "scratch" in arms and i == 0
         run = run_with(TASKS[task].pipeline, setting.config, setting.runs,
-                       overrides(setting, layout, seed, arm, scratch))
+                       overrides(setting, task, layout, seed, arm, scratch))
         if arm in arms:
             rows.append(arm_row(run, task, layout, seed, arm))
         if scratch:
@@ -187,7 +191,8 @@ def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[s
                     print(f"{task:10s} {layout:6s} seed {seed} {ARMS[row['arm']].title:8s} "
                           f"top-1 {row['top1']:6.1%} (chance {row['chance']:.1%}); "
                           f"{row['stop_reason']}", flush=True)
-                result = {"setting": {**dataclasses.asdict(setting), "converge": CONVERGE,
+                converge = {t: list(TASKS[t].converge) for t in tasks}
+                result = {"setting": {**dataclasses.asdict(setting), "converge": converge,
                                       "tasks": tasks, "arms": arms, "layouts": layouts,
                                       "seeds": seeds},
                           "machine": machine(), "complete": False, "rows": rows,
@@ -202,15 +207,27 @@ def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[s
 ROW_KEYS = ("task", "layout", "seed", "arm", "top1", "chance", "stopped", "steps")
 
 
+PER_PART = {"runs", "tasks", "arms", "layouts", "seeds", "converge"}   # may differ between files
+
+
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+    return f"{key}: {a.get(key)!r} against {b.get(key)!r}"
+
+
 def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
     """One table from JSONs this benchmark wrote (e.g. one per layout, run side by side): their
-    rows together, each (task, layout, seed, arm) once, one corpus seed."""
+    rows together, each (task, layout, seed, arm) once, one corpus seed, one setting (what the
+    runs share: every option but the runs folder and which tasks, arms, layouts and seeds; a file
+    from before the setting was kept has none to compare)."""
     rows: list[dict[str, Any]] = []
     machines: list[Any] = []
+    settings: list[Any] = []
     for path in paths:
         try:
             data = json.loads(path.read_text())
             machines.append(data.get("machine"))
+            settings.append(data.get("setting"))
             found = data["rows"]
             if not data.get("complete"):
                 raise SystemExit(f"{path}: the run that wrote it has not finished")
@@ -221,6 +238,13 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
             if missing:
                 raise SystemExit(f"{path}: a row without {missing[0]!r}")
         rows += found
+    shared = [(path, {k: v for k, v in setting.items() if k not in PER_PART})
+              for path, setting in zip(paths, settings, strict=True)
+              if isinstance(setting, dict)]
+    for path, setting in shared[1:]:
+        if setting != shared[0][1]:
+            raise SystemExit(f"{path}: ran with other settings than {shared[0][0]} "
+                             f"({first_difference(shared[0][1], setting)})")
     seen = Counter((r["task"], r["layout"], r["seed"], r["arm"]) for r in rows)
     twice = [k for k, n in seen.items() if n > 1]
     if twice:
@@ -230,7 +254,8 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
         raise SystemExit(f"the files come from different corpus seeds: {sorted(map(str, corpora))}")
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     summary = summarise(rows)
-    result = {"combined": [str(p) for p in paths], "machines": machines, "complete": True,
+    result = {"combined": [str(p) for p in paths], "settings": settings, "machines": machines,
+              "complete": True,
               "rows": rows, "summary": summary, "table": markdown(summary, arms, checkpoint)}
     write_json(out, result)
     return result

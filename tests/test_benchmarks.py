@@ -132,6 +132,21 @@ def test_table7_pairs_each_arms_gain_with_scratch_by_seed(monkeypatch):
     assert lines[-1] == "| chance | 12.5 % |"
 
 
+def test_table7_fine_tunes_five_under_its_40_epoch_rule_and_directions_under_the_pipelines(
+        monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import CONVERGE, Setting, overrides
+    from vimpac.config import load_pipeline
+
+    setting = Setting(None, "runs", 3, "final", False, ["finetune.epochs=2"])
+    five = overrides(setting, "five", "ssv2", 0, "mp", True)
+    directions = overrides(setting, "directions", "ssv2", 0, "mp", True)
+    assert set(CONVERGE) <= set(five) and not set(CONVERGE) & set(directions)
+    assert five[-1] == directions[-1] == "finetune.epochs=2"        # --set comes last, and wins
+    rule = load_pipeline("demo-direction").finetune
+    assert (rule.epochs, rule.eval_every, rule.plateau_patience) == (16, 0.5, 6)
+
+
 def test_table7_combines_results_run_side_by_side_into_one_table(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks.table7 import main
@@ -146,6 +161,26 @@ def test_table7_combines_results_run_side_by_side_into_one_table(tmp_path, monke
     assert "| arm | eight directions (ssv2) | eight directions (ucf101) |" in table
     assert "| MP | 40.0 [" in table and "| 20.0 [" in table
     assert len(json.loads(out.read_text())["rows"]) == 12
+
+
+def test_table7_refuses_to_combine_files_run_with_other_settings(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    rows = table7_rows()
+    setting = {"corpus_seed": 3, "checkpoint": "final", "extra": ["finetune.epochs=8"],
+               "runs": "a", "seeds": [0]}
+    parts = {"a.json": (setting, rows[:3]),
+             "b.json": ({**setting, "runs": "b", "seeds": [1]}, rows[3:]),  # per part: fine
+             "c.json": ({**setting, "extra": ["finetune.epochs=16"]}, rows[3:])}
+    for name, (s, r) in parts.items():
+        (tmp_path / name).write_text(json.dumps({"complete": True, "setting": s, "rows": r}))
+    out = tmp_path / "t.json"
+    main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    assert [s["runs"] for s in json.loads(out.read_text())["settings"]] == ["a", "b"]
+    with pytest.raises(SystemExit, match=r"c.json: ran with other settings than .*a.json "
+                                          r"\(extra: \['finetune.epochs=8'\] against "):
+        main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out)])
 
 
 @pytest.mark.parametrize("content, message", [
