@@ -231,7 +231,7 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
             found = data["rows"]
             if not data.get("complete"):
                 raise SystemExit(f"{path}: the run that wrote it has not finished")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SystemExit(f"{path}: not a table7 result ({exc})") from None
         for row in found:
             missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
@@ -255,8 +255,8 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     summary = summarise(rows)
     result = {"combined": [str(p) for p in paths], "settings": settings, "machines": machines,
-              "complete": True,
-              "rows": rows, "summary": summary, "table": markdown(summary, arms, checkpoint)}
+              "complete": True, "rows": rows, "summary": summary,
+              "table": markdown(summary, arms, checkpoint)}
     write_json(out, result)
     return result
 

@@ -186,6 +186,7 @@ def test_table7_refuses_to_combine_files_run_with_other_settings(tmp_path, monke
 @pytest.mark.parametrize("content, message", [
     ({"complete": False, "rows": []}, "has not finished"),
     ({"complete": True}, "not a table7 result"),
+    ([{"complete": True}], "not a table7 result"),
     ({"complete": True, "rows": [{"task": "directions"}]}, "a row without 'layout'"),
 ])
 def test_table7_refuses_to_combine_an_unfinished_or_foreign_file(tmp_path, monkeypatch, content,
