@@ -56,6 +56,7 @@ import torch
 
 from benchmarks import Stat
 from vimpac.common.environment import describe_machine, machine
+from vimpac.common.workers import worker_options
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device name; else measured.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
@@ -497,7 +498,7 @@ def loader_check(plan: Plan, work: Path) -> dict[str, Any]:
                       pad_id=model.config.pad_id)
     loader = DataLoader(ClipStream([archive], spec), batch_size=None,
                         num_workers=plan.loader_workers, pin_memory=dev == "cuda",
-                        multiprocessing_context="spawn" if plan.loader_workers else None,
+                        **worker_options(plan.loader_workers),
                         prefetch_factor=4 if plan.loader_workers else None)
     gen = torch.Generator().manual_seed(0)
     it = iter(loader)

@@ -20,8 +20,9 @@ from vimpac.archive import Archive, ArchiveError, ChecksumError, read_tokens, ve
 from vimpac.cli import cli
 from vimpac.common import storage
 from vimpac.common.storage import StorageError, location, redact
+from vimpac.common.workers import worker_options
 from vimpac.config import PretrainConfig, TokenizeConfig
-from vimpac.finetune.data import TrainClips, worker_context
+from vimpac.finetune.data import TrainClips, clip_workers
 from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.train import run_pretrain
 from vimpac.tokenize.job import run_tokenize
@@ -110,7 +111,8 @@ def test_tokenize_into_s3_then_pretrain_from_it_equals_local(s3, videos, tiny_to
 
 
 def test_dataloader_workers_stream_from_s3(s3, tmp_path):
-    """Worker processes (spawn for pre-training, forkserver for fine-tuning) reopen the store."""
+    """Worker processes (started from a forkserver, as every loader of an object store) reopen
+    the store."""
     labels, splits = [i % 3 for i in range(8)], [["train"]] * 8
     url = write_token_archive(f"{s3}/archives/labelled", videos=8, labels=labels, splits=splits,
                               per_shard=3)
@@ -122,7 +124,7 @@ def test_dataloader_workers_stream_from_s3(s3, tmp_path):
 
     def stream(archive):
         loader = DataLoader(ClipStream([archive], spec), batch_size=None, num_workers=1,
-                            multiprocessing_context="spawn")
+                            **worker_options(1))
         it = iter(loader)
         return [next(it)["tokens"] for _ in range(3)]
 
@@ -130,9 +132,9 @@ def test_dataloader_workers_stream_from_s3(s3, tmp_path):
 
     def items(archive):
         data = TrainClips(archive, "train", frames=4, grid=8, views=None, pad_id=65, seed=0)
-        assert worker_context(data.archive, 1) == ("forkserver" if archive == url else None)
-        loader = DataLoader(data, batch_size=4, num_workers=1,
-                            multiprocessing_context=worker_context(data.archive, 1))
+        options = clip_workers(data.archive, 1)
+        assert options["multiprocessing_context"] == ("forkserver" if archive == url else None)
+        loader = DataLoader(data, batch_size=4, num_workers=1, **options)
         return list(loader)
 
     for (ta, la), (tb, lb) in zip(items(url), items(here), strict=True):

@@ -15,9 +15,11 @@ from torch.utils.data import DataLoader
 
 from vimpac.archive import ArchiveError
 from vimpac.common.checkpoint import CheckpointError
+from vimpac.common.distributed import DistInfo
+from vimpac.common.workers import worker_options, worker_start_method
 from vimpac.config import PretrainConfig
-from vimpac.pretrain.data import ClipStream, StreamSpec, sample_clip_pairs
-from vimpac.pretrain.train import PretrainError, run_pretrain
+from vimpac.pretrain.data import ClipStream, Source, StreamSpec, sample_clip_pairs
+from vimpac.pretrain.train import Plan, PretrainError, build_loader, run_pretrain
 
 PAD = 65
 
@@ -63,10 +65,48 @@ def test_resume_position_gives_the_same_batches(archive, workers):
     def loader(start):
         ds = ClipStream([archive], spec(), start=start * 4)
         return DataLoader(ds, batch_size=None, num_workers=workers,
-                          multiprocessing_context="spawn" if workers else None)
+                          **worker_options(workers))
     full = take(loader(0), 12)                               # crosses an epoch boundary
     resumed = take(loader(5), 7)
     assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed, strict=True))
+
+
+def test_loader_workers_start_from_a_forkserver_never_spawned():
+    """A spawned worker can die of SIGABRT in its interpreter shutdown (vimpac.common.workers)."""
+    assert worker_start_method(0) is None                          # in-process: no workers
+    assert worker_start_method(2) == "forkserver"
+    assert worker_start_method(2, fork_safe=True) is None          # the platform's fork
+    assert worker_options(0) == {"multiprocessing_context": None, "worker_init_fn": None}
+
+
+class EnvironmentOf(torch.utils.data.IterableDataset):
+    """The values of some environment variables where the dataset is iterated."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __iter__(self):
+        return iter([os.environ.get(name) for name in self.names])
+
+
+def test_forkserver_workers_see_the_environment_of_the_moment_their_loader_starts(
+        monkeypatch):
+    started = DataLoader(range(2), batch_size=1, num_workers=1, **worker_options(1))
+    assert [int(x) for x in started] == [0, 1]          # the forkserver runs from here on
+    monkeypatch.setenv("VIMPAC_TEST_SET_LATER", "set after the forkserver started")
+    monkeypatch.delenv("HOME", raising=False)
+    loader = DataLoader(EnvironmentOf(["VIMPAC_TEST_SET_LATER", "HOME"]), batch_size=None,
+                        num_workers=1, **worker_options(1))
+    assert list(loader) == ["set after the forkserver started", None]
+
+
+def test_the_pretraining_loader_starts_its_workers_from_a_forkserver(archive):
+    cfg = dataclasses.replace(PretrainConfig(), num_workers=2, frames=5, grid=8, micro_batch=4,
+                              batch_size=4)
+    loader = build_loader([Source(str(archive))], cfg, Plan.build(cfg, 1),
+                          DistInfo(0, 1, 0, torch.device("cpu")), PAD, 2.0, {"samples": 0})
+    assert loader.num_workers == 2
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
 
 
 def test_ranks_see_disjoint_videos(archive):

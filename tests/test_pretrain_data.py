@@ -20,6 +20,7 @@ from vimpac.archive import Archive, ArchiveError
 from vimpac.archive.formats import wds
 from vimpac.common.checkpoint import load_checkpoint
 from vimpac.common.config import ConfigError
+from vimpac.common.workers import worker_options
 from vimpac.config import PretrainConfig, SourceConfig, load_pipeline
 from vimpac.pretrain.clips import gather_pairs
 from vimpac.pretrain.data import ClipStream, StreamSpec
@@ -180,11 +181,12 @@ def test_resuming_2_ranks_into_3_continues_the_sequence_exactly(archives, shuffl
     assert {**before, **after} == reference
 
 
-def test_a_dataloader_with_spawned_workers_delivers_the_in_process_sequence(archives):
+def test_a_dataloader_with_worker_processes_delivers_the_in_process_sequence(archives):
     from torch.utils.data import DataLoader
 
     stream = ClipStream([archives["a"]], spec(), rank=1, world=2, start=8)
-    loader = DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    loader = DataLoader(stream, batch_size=None, num_workers=2,
+                        **worker_options(2))
     got = samples(take(iter(loader), 6))
     workers = [stream.batches(0, 2), stream.batches(1, 2)]      # taken in turn, as DataLoader does
     assert got == samples(next(workers[j % 2]) for j in range(6))

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vimpac.archive import Archive, ArchiveError, Entry, ShardReader, View
+from vimpac.common.workers import worker_options
 from vimpac.pretrain.data import take_clip
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,11 @@ class ClipChoice:
     x: int  # token-space crop offset (columns)
 
 
-def worker_context(archive: Archive, workers: int) -> str | None:
-    """DataLoader start method: ``forkserver`` for object-store archives (fsspec's async I/O
-    does not survive a fork), the platform default otherwise."""
-    return "forkserver" if workers > 0 and not archive.root.is_local else None
+def clip_workers(archive: Archive, workers: int) -> dict[str, Any]:
+    """DataLoader keyword arguments for ``workers`` worker processes reading ``archive``: the
+    platform's fork for a local archive, a forkserver for an object store (fsspec's async I/O
+    does not survive a fork)."""
+    return worker_options(workers, fork_safe=archive.root.is_local)
 
 
 class _ShardReader:

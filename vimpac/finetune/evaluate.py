@@ -35,7 +35,7 @@ from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import autocast_context
 from vimpac.finetune.config import EvaluateConfig
-from vimpac.finetune.data import TestClips, worker_context
+from vimpac.finetune.data import TestClips, clip_workers
 from vimpac.finetune.time_reversal import run_time_reversal
 from vimpac.finetune.train import FORMAT as FINETUNED_FORMAT
 from vimpac.finetune.train import (
@@ -169,7 +169,7 @@ def run_evaluate(archive_path: str | Path, checkpoint: str | Path, cfg: Evaluate
                      conf.pad_id, frame_step(archive.settings.fps, fps, archive.root))
     dev = pick_device(device)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
-                        multiprocessing_context=worker_context(data.archive, num_workers),
+                        **clip_workers(data.archive, num_workers),
                         generator=torch.Generator().manual_seed(0))
     probs, labels = view_averaged_probs(model.to(dev), loader, dev, progress=progress)
     results = {"checkpoint": str(checkpoint), **chosen_model(meta),
@@ -243,7 +243,7 @@ def extract_features(backbone: VimpacBackbone, data: TestClips, device: torch.de
     """CLS features of every video, averaged over its views: [N, D], labels [N]."""
     backbone.eval().to(device)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
-                        multiprocessing_context=worker_context(data.archive, num_workers),
+                        **clip_workers(data.archive, num_workers),
                         generator=torch.Generator().manual_seed(0))
     task = progress.task("features", len(data), "video")
     feats, labels = [], []

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vimpac.common.progress import NULL_PROGRESS, Progress
-from vimpac.finetune.data import TestClips, worker_context
+from vimpac.finetune.data import TestClips
 from vimpac.pretrain.model import ModelConfig, VimpacBackbone, token_mean
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ def random_backbone(config: ModelConfig, seed: int = RANDOM_SEED) -> VimpacBackb
 def _clip_batches(data: TestClips, batch_size: int, device: torch.device,
                   progress: Progress, label: str) -> Iterator[Tensor]:
     """One clip per video of ``data`` (one view), in batches [B, T, G, G] on ``device``."""
-    loader = DataLoader(data, batch_size=batch_size,
-                        multiprocessing_context=worker_context(data.archive, 0))
+    loader = DataLoader(data, batch_size=batch_size)
     task = progress.task(f"time reversal, {label}", len(data), "video")
     for tokens, _ in loader:  # [B, 1, T, G, G]
         yield tokens.flatten(0, 1).to(device)

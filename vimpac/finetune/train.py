@@ -71,7 +71,7 @@ from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import MetricsLog, autocast_context, param_groups, warmup_linear
 from vimpac.data.datasets import standard_splits
 from vimpac.finetune.config import FinetuneConfig
-from vimpac.finetune.data import ItemKey, SplitPart, TestClips, TrainClips, worker_context
+from vimpac.finetune.data import ItemKey, SplitPart, TestClips, TrainClips, clip_workers
 from vimpac.finetune.plateau import STILL_IMPROVING, Plateau, stop_record
 from vimpac.pretrain.export import load_pretrained
 from vimpac.pretrain.model import (
@@ -311,7 +311,7 @@ def validate(model: nn.Module, dataset: TestClips, dist_info: DistInfo, batch: i
     """Top-1 on one centre clip per video, this rank's share, summed over ranks."""
     share = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world))
     loader = DataLoader(share, batch_size=batch, num_workers=workers,
-                        multiprocessing_context=worker_context(dataset.archive, workers),
+                        **clip_workers(dataset.archive, workers),
                         generator=torch.Generator().manual_seed(0))
     probs, labels = view_averaged_probs(model, loader, dist_info.device, precision)
     correct = (probs.argmax(-1) == labels).sum() if len(labels) else torch.tensor(0)
@@ -462,7 +462,7 @@ def model_info(data: FinetuneData, cfg: FinetuneConfig, init: str | None,
 def train_loader(data: FinetuneData, cfg: FinetuneConfig, sampler: UpdateSampler,
                  device: torch.device) -> DataLoader:
     return DataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers,
-                      multiprocessing_context=worker_context(data.archive, cfg.num_workers),
+                      **clip_workers(data.archive, cfg.num_workers),
                       pin_memory=device.type == "cuda", persistent_workers=False,
                       generator=torch.Generator().manual_seed(cfg.seed))
 

@@ -45,6 +45,7 @@ from vimpac.common.training import (
     param_groups,
     warmup_linear,
 )
+from vimpac.common.workers import worker_options
 from vimpac.pretrain.config import PretrainConfig
 from vimpac.pretrain.data import ClipStream, Source, StreamSpec
 from vimpac.pretrain.export import FORMAT as PRETRAINED_FORMAT
@@ -324,7 +325,7 @@ def build_loader(sources: list[Source], cfg: PretrainConfig, plan: Plan, dist: D
     generator = torch.Generator().manual_seed(cfg.seed)   # keeps the global RNG untouched
     return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, generator=generator,
                       pin_memory=dist.device.type == "cuda",
-                      multiprocessing_context="spawn" if cfg.num_workers else None,
+                      **worker_options(cfg.num_workers),
                       persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
 
 
