@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(BIN)/vimpac run demo
 
 demo-direction: $(STAMP)
-	$(BIN)/vimpac run demo-direction
+	$(BIN)/vimpac run demo-direction --jobs 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -571,10 +571,14 @@ RUNS_OPTION = click.option("--runs", "runs_dir", default="runs", show_default=Tr
 @click.option("--dry-run", is_flag=True, help="print the plan: what runs, what is reused, where")
 @click.option("--force", multiple=True, metavar="STAGE",
               help="redo this stage and the stages after it that read it (repeatable)")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="run up to this many independent stages at once (e.g. fine-tuning from "
+                   "scratch beside pre-training), each in its own process with its share of "
+                   "the cores")
 @pass_ctx
 @handle_errors
 def run(ctx: Context, name: str | None, runs_dir: str, dry_run: bool,
-        force: tuple[str, ...]) -> None:
+        force: tuple[str, ...], jobs: int) -> None:
     """Run a named pipeline (default: demo), reusing every stage output that exists."""
     from vimpac.pipeline import PipelineError, run_pipeline
 
@@ -594,7 +598,7 @@ def run(ctx: Context, name: str | None, runs_dir: str, dry_run: bool,
         with ctx.progress() as progress:
             outcomes = run_pipeline(config, runs_dir, force=force, dry_run=dry_run,
                                     progress=progress if not dry_run else _null_progress(),
-                                    on_stage=show)
+                                    on_stage=show, jobs=jobs)
     except PipelineError as exc:
         raise UsageError(str(exc)) from None
     out.print(table)

@@ -12,6 +12,10 @@ Plan (synthetic data)::
                \\-------> tokens-finetune ------------/  finetune-scratch -> evaluate-scratch
                                                      \\-> probes (frozen pretrained.pt)
 
+With ``jobs`` > 1, stages whose inputs are done run at once in child processes
+(:mod:`vimpac.common.processes`); every stage holds ``RUNS/<kind>/<key>.lock`` while it builds,
+so two runs (or two stages) that need one output build it once.
+
 With ``pretrain.sources`` (archives tokenized before, mixed by weight) the ``pretrain`` stage reads
 those instead of tokenizing the pipeline's pre-training inputs.
 With ``pretrain.official_checkpoint`` (the authors' released ``classifier.pt``) the ``pretrain``
@@ -25,13 +29,15 @@ its CLS features and the time-reversal diagnostic, against a random backbone of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,8 +410,15 @@ class StageOutcome:
 
 def run_pipeline(config: PipelineConfig, runs: str | Path, *, force: tuple[str, ...] = (),
                  dry_run: bool = False, progress: Progress = NULL_PROGRESS,
-                 on_stage: Callable[[StageOutcome], None] | None = None) -> list[StageOutcome]:
-    """Run (or, with ``dry_run``, only plan) every stage of ``config`` that is not done."""
+                 on_stage: Callable[[StageOutcome], None] | None = None,
+                 jobs: int = 1) -> list[StageOutcome]:
+    """Run (or, with ``dry_run``, only plan) every stage of ``config`` that is not done.
+
+    ``jobs`` > 1 runs up to that many stages at once, each in its own process with an equal share
+    of the cores (:func:`_run_concurrently`); a stage still starts only once every stage it reads
+    is done, so the outputs are those of the same stages run one by one."""
+    if jobs < 1:
+        raise PipelineError(f"--jobs {jobs}: expected 1 or more")
     stages = build_plan(config, runs)
     names = {s.name for s in stages}
     unknown = set(force) - names
@@ -414,22 +427,101 @@ def run_pipeline(config: PipelineConfig, runs: str | Path, *, force: tuple[str, 
                             f"'{config.name}' (stages: {', '.join(s.name for s in stages)})")
     redo = dependents(stages, set(force))
     ctx = RunContext(config, Path(runs), {s.name: s for s in stages}, progress)
-    outcomes = []
+    outcomes: list[StageOutcome] = []
+    todo: list[Stage] = []
     for stage in stages:
         again = stage.name in redo or stage.name == "report"
         if stage.done() and not again:
-            outcome = StageOutcome(stage.name, stage.path, "reused", result=stage.result())
+            outcomes.append(StageOutcome(stage.name, stage.path, "reused",
+                                         result=stage.result()))
         elif dry_run:
-            outcome = StageOutcome(stage.name, stage.path, "planned")
+            outcomes.append(StageOutcome(stage.name, stage.path, "planned"))
         else:
-            outcome = _run_stage(ctx, stage, fresh=stage.name in redo and stage.name != "report")
-        outcomes.append(outcome)
+            todo.append(stage)
+            continue
         if on_stage:
-            on_stage(outcome)
+            on_stage(outcomes[-1])
+    fresh = {s.name for s in todo if s.name in redo and s.name != "report"}
+    if jobs > 1 and len(todo) > 1:
+        outcomes += _run_concurrently(ctx, todo, fresh, jobs, on_stage)
+    else:
+        for stage in todo:
+            outcomes.append(_run_stage(ctx, stage, fresh=stage.name in fresh))
+            if on_stage:
+                on_stage(outcomes[-1])
+    order = [s.name for s in stages]
+    return sorted(outcomes, key=lambda o: order.index(o.name))
+
+
+def _run_concurrently(ctx: RunContext, todo: list[Stage], fresh: set[str], jobs: int,
+                      on_stage: Callable[[StageOutcome], None] | None) -> list[StageOutcome]:
+    """Run ``todo`` (in plan order) with up to ``jobs`` stages at once, each in a child process
+    with ``cores // jobs`` threads; a stage starts once every stage it reads is done. The
+    children's progress and logs reach ``ctx.progress`` and this process's logging. On an error
+    the stages still running are stopped (each resumes when run again) and the error is raised."""
+    from vimpac.common.processes import Children, usable_cores
+
+    pending, outcomes = list(todo), []
+    waiting_on = {s.name for s in todo}
+    threads = max(1, usable_cores() // jobs)
+    portable = dataclasses.replace(ctx, progress=NULL_PROGRESS)
+    log.info("running up to %d stages at once, %d threads each", jobs, threads)
+    with Children(ctx.progress) as children:
+        while pending or children.running:
+            for stage in list(pending):
+                if len(children.running) >= jobs:
+                    break
+                if waiting_on & set(stage.needs):
+                    continue
+                pending.remove(stage)
+                children.start(stage.name, _stage_in_child, portable, stage,
+                               stage.name in fresh, threads=threads)
+            name, outcome = children.wait()
+            waiting_on.discard(name)
+            outcomes.append(outcome)
+            if on_stage:
+                on_stage(outcome)
     return outcomes
 
 
+def _stage_in_child(progress: Progress, ctx: RunContext, stage: Stage,
+                    fresh: bool) -> StageOutcome:
+    return _run_stage(dataclasses.replace(ctx, progress=progress), stage, fresh)
+
+
+@contextlib.contextmanager
+def stage_lock(stage: Stage) -> Iterator[None]:
+    """Hold ``RUNS/<kind>/<key>.lock`` while building ``stage``'s output: another process (a
+    second ``vimpac run`` on the same runs folder, or a concurrent stage with the same key) that
+    builds the same output waits for this one and then reuses it. The OS drops the lock however
+    its holder exits. (``flock``: local file systems and NFSv4.)"""
+    import fcntl
+
+    lock = stage.path.with_name(stage.path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is building %s; waiting for it", stage.name,
+                     stage.path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                           # closing drops the lock
+
+
 def _run_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
+    """Build ``stage`` (``fresh``: from an empty folder) unless, once its lock is held, its output
+    turns out to be complete (built meanwhile by another process)."""
+    with stage_lock(stage):
+        if not fresh and stage.name != "report" and stage.done():
+            return StageOutcome(stage.name, stage.path, "reused", result=stage.result())
+        return _build_stage(ctx, stage, fresh)
+
+
+def _build_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
     if fresh and stage.path.exists():
         shutil.rmtree(stage.path)
     stage.path.mkdir(parents=True, exist_ok=True)
