@@ -91,11 +91,27 @@ def test_independent_stages_overlap_and_a_stage_waits_for_what_it_reads(tmp_path
     assert r["d"]["seen"] == {"b": "b", "c": "c"}
     assert len({r[n]["pid"] for n in "abcd"} | {os.getpid()}) == 5     # each in its own process
     cores = len(os.sched_getaffinity(0))
-    assert {r[n]["threads"] for n in "abcd"} == {max(1, cores // 2)}
+    assert {n: r[n]["threads"] for n in "abcd"} == {"a": cores, "b": max(1, cores // 2),
+                                                    "c": max(1, cores // 2), "d": cores}
     done = json.loads((outcomes[3].path / "DONE.json").read_text())
     assert done["result"]["name"] == "d"
     again = run_pipeline(config, tmp_path, jobs=2)
     assert [o.status for o in again] == ["reused"] * 4 + ["ran"]
+
+
+def test_a_stage_that_can_run_beside_another_gets_its_share_of_the_cores(tmp_path):
+    """Fixed by the plan, not by timing: a rerun or a resumed stage gets the same count."""
+    from vimpac.common.config import PACKAGED_CONFIG
+    from vimpac.config import load_pipeline
+    from vimpac.pipeline import build_plan, threads_of
+
+    stages = build_plan(load_pipeline("demo-direction", PACKAGED_CONFIG), tmp_path)
+    threads = threads_of(stages, jobs=2, cores=8)
+    assert {n for n, t in threads.items() if t == 8} == {"data", "tokenizer", "report"}
+    assert {n for n, t in threads.items() if t == 4} == {
+        "tokens-pretrain", "tokens-finetune", "pretrain", "finetune", "evaluate",
+        "finetune-scratch", "evaluate-scratch", "probes"}
+    assert set(threads_of(stages, jobs=4, cores=2).values()) == {1, 2}
 
 
 def test_one_job_runs_every_stage_in_this_process(tmp_path, monkeypatch):

@@ -455,17 +455,21 @@ def run_pipeline(config: PipelineConfig, runs: str | Path, *, force: tuple[str, 
 
 def _run_concurrently(ctx: RunContext, todo: list[Stage], fresh: set[str], jobs: int,
                       on_stage: Callable[[StageOutcome], None] | None) -> list[StageOutcome]:
-    """Run ``todo`` (in plan order) with up to ``jobs`` stages at once, each in a child process
-    with ``cores // jobs`` threads; a stage starts once every stage it reads is done. The
-    children's progress and logs reach ``ctx.progress`` and this process's logging. On an error
-    the stages still running are stopped (each resumes when run again) and the error is raised."""
+    """Run ``todo`` (in plan order) with up to ``jobs`` stages at once, each in a child process;
+    a stage starts once every stage it reads is done. A stage that the plan lets run beside
+    another gets ``cores // jobs`` threads, one that every other stage reads or is read by gets
+    them all (:func:`threads_of`: fixed by the plan, not by timing, so a rerun or a resumed
+    stage has the same thread count). The children's progress and logs reach ``ctx.progress``
+    and this process's logging. On an error the stages still running are stopped (each resumes
+    when run again) and the error is raised."""
     from vimpac.common.processes import Children, usable_cores
 
     pending, outcomes = list(todo), []
     waiting_on = {s.name for s in todo}
-    threads = max(1, usable_cores() // jobs)
+    threads = threads_of(list(ctx.stages.values()), jobs, usable_cores())
     portable = dataclasses.replace(ctx, progress=NULL_PROGRESS)
-    log.info("running up to %d stages at once, %d threads each", jobs, threads)
+    log.info("running up to %d stages at once; threads per stage: %s", jobs,
+             ", ".join(f"{s.name} {threads[s.name]}" for s in todo))
     with Children(ctx.progress) as children:
         while pending or children.running:
             for stage in list(pending):
@@ -475,13 +479,26 @@ def _run_concurrently(ctx: RunContext, todo: list[Stage], fresh: set[str], jobs:
                     continue
                 pending.remove(stage)
                 children.start(stage.name, _stage_in_child, portable, stage,
-                               stage.name in fresh, threads=threads)
+                               stage.name in fresh, threads=threads[stage.name])
             name, outcome = children.wait()
             waiting_on.discard(name)
             outcomes.append(outcome)
             if on_stage:
                 on_stage(outcome)
     return outcomes
+
+
+def threads_of(stages: list[Stage], jobs: int, cores: int) -> dict[str, int]:
+    """Threads per stage under ``--jobs``: all ``cores`` for a stage that can never run beside
+    another (every other stage of the plan reads it or is read by it, transitively), else
+    ``cores // jobs`` (at least 1)."""
+    upstream: dict[str, set[str]] = {}
+    for stage in stages:                               # plan order: needs come first
+        upstream[stage.name] = set(stage.needs).union(*(upstream[n] for n in stage.needs))
+    share = max(1, cores // jobs)
+    return {s.name: cores if all(t.name == s.name or t.name in upstream[s.name]
+                                 or s.name in upstream[t.name] for t in stages) else share
+            for s in stages}
 
 
 def _stage_in_child(progress: Progress, ctx: RunContext, stage: Stage,
