@@ -47,6 +47,15 @@ def refuses(ctx, stage):
     raise PipelineError(f"{stage.name}: bad input /data/x.mp4")
 
 
+class Unpicklable(VimpacError):
+    def __init__(self, path, why):              # pickling calls __init__ with one argument
+        super().__init__(f"{path}: {why}")
+
+
+def refuses_oddly(ctx, stage):
+    raise Unpicklable("/data/y.webm", "not a video")
+
+
 def breaks(ctx, stage):
     raise ZeroDivisionError("an invariant broke")
 
@@ -150,6 +159,12 @@ def test_an_input_error_in_a_child_is_the_same_one_line_error(tmp_path, monkeypa
     with pytest.raises(PipelineError, match=r"^c: bad input /data/x\.mp4$") as info:
         run_pipeline(config, tmp_path, jobs=2)
     assert isinstance(info.value, VimpacError)
+
+
+def test_an_input_error_that_does_not_pickle_is_still_an_input_error(tmp_path, monkeypatch):
+    config = toy_plan(tmp_path, monkeypatch, fns={"b": refuses_oddly}, seconds=0.01)
+    with pytest.raises(VimpacError, match=r"^/data/y\.webm: not a video$"):
+        run_pipeline(config, tmp_path, jobs=2)
 
 
 def test_a_bug_in_a_child_keeps_its_traceback_and_stops_the_others(tmp_path, monkeypatch):

@@ -118,7 +118,8 @@ def _child_main(queue: Any, tag: str, fn: Callable[..., Any], args: tuple[Any, .
         torch.set_num_threads(threads)
         result = fn(QueueProgress(queue, tag), *args)
     except BaseException as exc:             # reported whole; the parent decides what it is
-        queue.put(("error", tag, _portable(exc), traceback.format_exc()))
+        queue.put(("error", tag, _portable(exc), traceback.format_exc(), _is_input_error(exc),
+                   str(exc)))
     else:
         queue.put(("done", tag, result))
 
@@ -196,7 +197,7 @@ class Children:
                 self.running.pop(tag).join()
                 if kind == "done":
                     return tag, message[2]
-                raise _error(tag, message[2], message[3])
+                raise _error(tag, *message[2:])
 
     def stop(self) -> None:
         for process in self.running.values():
@@ -228,9 +229,18 @@ class Children:
             self.tasks.pop(key).close()
 
 
-def _error(tag: str, exc: BaseException | None, text: str) -> BaseException:
+def _is_input_error(exc: BaseException) -> bool:
     from vimpac.common.errors import VimpacError
 
-    if isinstance(exc, VimpacError | OSError | KeyboardInterrupt):
-        return exc
+    return isinstance(exc, VimpacError | OSError | KeyboardInterrupt)
+
+
+def _error(tag: str, exc: BaseException | None, text: str, input_error: bool,
+           message: str) -> BaseException:
+    """The exception to raise in the parent for a child's: the same one where it pickles, an
+    input error's message where it does not, else :class:`ChildFailed` with the traceback."""
+    from vimpac.common.errors import VimpacError
+
+    if input_error:
+        return exc if exc is not None else VimpacError(message)
     return ChildFailed(f"{tag} failed in its process:\n{text}")
