@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(BIN)/vimpac run demo
 
 demo-direction: $(STAMP)
-	$(BIN)/vimpac run demo-direction --jobs 2
+	$(BIN)/vimpac run demo-direction
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

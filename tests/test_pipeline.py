@@ -80,6 +80,21 @@ def test_ls_and_gc(tmp_path):
     assert stages["tokens-pretrain"].path.exists()
 
 
+def test_gc_keeps_an_output_a_running_stage_is_building(tmp_path):
+    """An output no listed pipeline uses (a run with other --set values) is kept while its
+    builder holds its lock, and removed with its lock once it is free."""
+    from vimpac.pipeline import lock_path, output_lock
+
+    cfg = load_pipeline("demo", PACKAGED_CONFIG)
+    building = tmp_path / "pretrain" / "0123456789abcdef"
+    building.mkdir(parents=True)
+    with output_lock(building):
+        assert collect_garbage([cfg], tmp_path) == [] and building.exists()
+    assert lock_path(building).exists()
+    assert [r.path for r in collect_garbage([cfg], tmp_path)] == [building]
+    assert not building.exists() and not lock_path(building).exists()
+
+
 def test_user_data_pipeline_needs_inputs(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(textwrap.dedent("""

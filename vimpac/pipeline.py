@@ -14,7 +14,7 @@ Plan (synthetic data)::
 
 With ``jobs`` > 1, stages whose inputs are done run at once in child processes
 (:mod:`vimpac.common.processes`); every stage holds ``RUNS/<kind>/<key>.lock`` while it builds,
-so two runs (or two stages) that need one output build it once.
+so two runs (or two stages) that need one output build it once, and ``gc`` leaves it alone.
 
 With ``pretrain.sources`` (archives tokenized before, mixed by weight) the ``pretrain`` stage reads
 those instead of tokenizing the pipeline's pre-training inputs.
@@ -506,25 +506,31 @@ def _stage_in_child(progress: Progress, ctx: RunContext, stage: Stage,
     return _run_stage(dataclasses.replace(ctx, progress=progress), stage, fresh)
 
 
+def lock_path(output: Path) -> Path:
+    """The lock file of a stage output folder: ``RUNS/<kind>/<key>.lock``."""
+    return output.with_name(output.name + ".lock")
+
+
 @contextlib.contextmanager
-def stage_lock(stage: Stage) -> Iterator[None]:
-    """Hold ``RUNS/<kind>/<key>.lock`` while building ``stage``'s output: another process (a
-    second ``vimpac run`` on the same runs folder, or a concurrent stage with the same key) that
-    builds the same output waits for this one and then reuses it. The OS drops the lock however
-    its holder exits. (``flock``: local file systems and NFSv4.)"""
+def output_lock(output: Path, *, wait: bool = True, who: str = "") -> Iterator[bool]:
+    """Hold ``output``'s lock (``flock`` on :func:`lock_path`; the OS drops it however its holder
+    exits; local file systems and NFSv4). ``wait``: block until it is free (logging that, as
+    ``who``), and yield True; else yield whether it was free (and is now held)."""
     import fcntl
 
-    lock = stage.path.with_name(stage.path.name + ".lock")
+    lock = lock_path(output)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
-            log.info("%s: another process is building %s; waiting for it", stage.name,
-                     stage.path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            held = wait
+            if wait:
+                log.info("%s: another process is building %s; waiting for it", who, output)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield held
     finally:
         os.close(fd)                           # closing drops the lock
 
@@ -532,7 +538,7 @@ def stage_lock(stage: Stage) -> Iterator[None]:
 def _run_stage(ctx: RunContext, stage: Stage, fresh: bool) -> StageOutcome:
     """Build ``stage`` (``fresh``: from an empty folder) unless, once its lock is held, its output
     turns out to be complete (built meanwhile by another process)."""
-    with stage_lock(stage):
+    with output_lock(stage.path, who=stage.name):   # one builder per output, across runs
         if not fresh and stage.name != "report" and stage.done():
             return StageOutcome(stage.name, stage.path, "reused", result=stage.result())
         return _build_stage(ctx, stage, fresh)
@@ -599,7 +605,15 @@ def garbage(configs: list[PipelineConfig], runs: str | Path) -> list[CachedOutpu
 
 
 def collect_garbage(configs: list[PipelineConfig], runs: str | Path) -> list[CachedOutput]:
-    removed = garbage(configs, runs)
-    for row in removed:
-        shutil.rmtree(row.path)
+    """Remove the outputs no pipeline of ``configs`` uses, and their locks; an output that a
+    running stage is building (its lock held: a run with other ``--set`` values, say) is kept."""
+    removed = []
+    for row in garbage(configs, runs):
+        with output_lock(row.path, wait=False) as free:
+            if not free:
+                log.warning("%s: kept: a running stage is building it", row.path)
+                continue
+            shutil.rmtree(row.path)
+            lock_path(row.path).unlink(missing_ok=True)
+        removed.append(row)
     return removed
