@@ -414,8 +414,8 @@ def run_pipeline(config: PipelineConfig, runs: str | Path, *, force: tuple[str, 
                  jobs: int = 1) -> list[StageOutcome]:
     """Run (or, with ``dry_run``, only plan) every stage of ``config`` that is not done.
 
-    ``jobs`` > 1 runs up to that many stages at once, each in its own process with an equal share
-    of the cores (:func:`_run_concurrently`); a stage still starts only once every stage it reads
+    ``jobs`` > 1 runs up to that many stages at once, each in its own process with a share of
+    the threads (:func:`_run_concurrently`); a stage still starts only once every stage it reads
     is done, so the outputs are those of the same stages run one by one."""
     if jobs < 1:
         raise PipelineError(f"--jobs {jobs}: expected 1 or more")
@@ -456,17 +456,18 @@ def run_pipeline(config: PipelineConfig, runs: str | Path, *, force: tuple[str, 
 def _run_concurrently(ctx: RunContext, todo: list[Stage], fresh: set[str], jobs: int,
                       on_stage: Callable[[StageOutcome], None] | None) -> list[StageOutcome]:
     """Run ``todo`` (in plan order) with up to ``jobs`` stages at once, each in a child process;
-    a stage starts once every stage it reads is done. A stage that the plan lets run beside
-    another gets ``cores // jobs`` threads, one that every other stage reads or is read by gets
-    them all (:func:`threads_of`: fixed by the plan, not by timing, so a rerun or a resumed
-    stage has the same thread count). The children's progress and logs reach ``ctx.progress``
-    and this process's logging. On an error the stages still running are stopped (each resumes
-    when run again) and the error is raised."""
-    from vimpac.common.processes import Children, usable_cores
+    a stage starts once every stage it reads is done. Of this process's torch threads (the
+    cores, or ``OMP_NUM_THREADS``), a stage that the plan lets run beside another gets
+    ``threads // jobs``, one that every other stage reads or is read by gets them all
+    (:func:`threads_of`: fixed by the plan, not by timing, so a rerun or a resumed stage has the
+    same thread count). The children's progress and logs reach ``ctx.progress`` and this
+    process's logging. On an error the stages still running are stopped (each resumes when run
+    again) and the error is raised."""
+    from vimpac.common.processes import Children, thread_budget
 
     pending, outcomes = list(todo), []
     waiting_on = {s.name for s in todo}
-    threads = threads_of(list(ctx.stages.values()), jobs, usable_cores())
+    threads = threads_of(list(ctx.stages.values()), jobs, thread_budget())
     portable = dataclasses.replace(ctx, progress=NULL_PROGRESS)
     log.info("running up to %d stages at once; threads per stage: %s", jobs,
              ", ".join(f"{s.name} {threads[s.name]}" for s in todo))

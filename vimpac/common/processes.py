@@ -10,7 +10,7 @@ Children start from a ``forkserver`` (never ``fork``: the parent may hold thread
 progress bars' refresh thread; never ``spawn``: see :mod:`vimpac.common.workers`), are not
 daemons (a stage may start DataLoader workers of its own), get the parent's environment of the
 moment they start (as :class:`vimpac.common.workers.ParentEnvironment` gives workers) and
-``threads`` intra-op threads each, so that ``jobs`` children share the machine's cores.
+``threads`` intra-op threads each, so that the children share the machine's cores.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ class ChildFailed(RuntimeError):
     reporting (a signal: killed, out of memory); the message carries what is known."""
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                   # not on Linux
-        return os.cpu_count() or 1
+def thread_budget() -> int:
+    """The threads this process would use: torch's count (the usable cores, or
+    ``OMP_NUM_THREADS`` where set), for children to share."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 # ------------------------------------------------------------------------------------- child side
