@@ -493,12 +493,10 @@ def threads_of(stages: list[Stage], jobs: int, cores: int) -> dict[str, int]:
     """Threads per stage under ``--jobs``: all ``cores`` for a stage that can never run beside
     another (every other stage of the plan reads it or is read by it, transitively), else
     ``cores // jobs`` (at least 1)."""
-    upstream: dict[str, set[str]] = {}
-    for stage in stages:                               # plan order: needs come first
-        upstream[stage.name] = set(stage.needs).union(*(upstream[n] for n in stage.needs))
+    downstream = {s.name: dependents(stages, {s.name}) for s in stages}
     share = max(1, cores // jobs)
-    return {s.name: cores if all(t.name == s.name or t.name in upstream[s.name]
-                                 or s.name in upstream[t.name] for t in stages) else share
+    return {s.name: cores if all(t.name in downstream[s.name] or s.name in downstream[t.name]
+                                 for t in stages) else share
             for s in stages}
 
 
