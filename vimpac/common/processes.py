@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vimpac.common.progress import NULL_PROGRESS, Progress, Task
+from vimpac.common.workers import ParentEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,8 @@ def _portable(exc: BaseException) -> BaseException | None:
 
 
 def _child_main(queue: Any, tag: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                environ: dict[str, str], threads: int, log_level: int) -> None:
-    os.environ.clear()
-    os.environ.update(environ)
+                environ: ParentEnvironment, threads: int, log_level: int) -> None:
+    environ(0)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     root = logging.getLogger()
     root.handlers[:] = [_QueueLogHandler(queue, tag)]
@@ -164,7 +164,7 @@ class Children:
             raise ValueError(f"a child named {tag!r} is already running")
         process = self.context.Process(
             target=_child_main, name=f"vimpac {tag}", daemon=False,
-            args=(self.queue, tag, fn, args, dict(os.environ), threads,
+            args=(self.queue, tag, fn, args, ParentEnvironment(), threads,
                   logging.getLogger().getEffectiveLevel()))
         process.start()
         self.running[tag] = process
