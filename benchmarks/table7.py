@@ -131,20 +131,24 @@ def runs_of(setting: Setting, task: str, layout: str, seed: int,
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (task, layout, arm): mean top-1 over seeds with its interval, the gain over scratch
-    paired by seed, chance, and why fine-tuning stopped."""
+    paired by seed, for MP + CL also its gain over MP (the contrastive loss's part, Table 7's
+    question), chance, and why fine-tuning stopped."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["layout"], row["arm"]), []).append(row)
-    scratch = {(r["task"], r["layout"], r["seed"]): r["top1"] for r in rows
-               if r["arm"] == "scratch"}
+    top1 = {(r["task"], r["layout"], r["arm"], r["seed"]): r["top1"] for r in rows}
+
+    def gain_over(mine: list[dict[str, Any]], base: str) -> dict[str, Any] | None:
+        paired = [r["top1"] - top1[(r["task"], r["layout"], base, r["seed"])] for r in mine
+                  if (r["task"], r["layout"], base, r["seed"]) in top1]
+        return mean_interval(paired) if paired and mine[0]["arm"] != base else None
+
     out = []
     for (task, layout, arm), mine in groups.items():
-        paired = [r["top1"] - scratch[(task, layout, r["seed"])] for r in mine
-                  if (task, layout, r["seed"]) in scratch]
         out.append({"task": task, "layout": layout, "arm": arm, "seeds": [r["seed"] for r in mine],
                     "top1": mean_interval([r["top1"] for r in mine]),
-                    "gain_vs_scratch": mean_interval(paired)
-                    if arm != "scratch" and paired else None,
+                    "gain_vs_scratch": gain_over(mine, "scratch"),
+                    "gain_vs_mp": gain_over(mine, "mp") if arm == "mp+cl" else None,
                     "chance": mine[0]["chance"],
                     "stopped": dict(Counter(str(r["stopped"]) for r in mine)),
                     "mean_steps": sum(r["steps"] or 0 for r in mine) / len(mine)})
@@ -156,6 +160,8 @@ def cell(summary: dict[str, Any]) -> str:
     text = interval_text(summary["top1"])
     if summary["gain_vs_scratch"] is not None:
         text += f"; gain {interval_text(summary['gain_vs_scratch'], sign=True)}"
+    if summary.get("gain_vs_mp") is not None:
+        text += f"; over MP {interval_text(summary['gain_vs_mp'], sign=True)}"
     return f"{text}; stopped: {stops}"
 
 
@@ -165,8 +171,8 @@ def markdown(summary: list[dict[str, Any]], arms: list[str], checkpoint: str) ->
     found = {(s["task"], s["layout"], s["arm"]): s for s in summary}
     seeds = max((len(s["seeds"]) for s in summary), default=0)
     lines = [f"{checkpoint}.pt on the evaluation split: top-1 in %, mean of {seeds} seeds [95 % "
-             "t-interval over seeds]; gain over scratch in points, paired by seed; why "
-             "fine-tuning stopped (runs per reason)", "",
+             "t-interval over seeds]; gain over scratch (MP + CL: and over MP) in points, "
+             "paired by seed; why fine-tuning stopped (runs per reason)", "",
              "| arm | " + " | ".join(f"{TASKS[t].title} ({layout})" for t, layout in columns)
              + " |", "|---|" + "---|" * len(columns)]
     for arm in (a for a in ARMS if a in arms):

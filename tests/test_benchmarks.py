@@ -110,7 +110,7 @@ def table7_rows():
     return rows
 
 
-def test_table7_pairs_each_arms_gain_with_scratch_by_seed(monkeypatch):
+def test_table7_pairs_each_arms_gain_with_scratch_and_mp_plus_cl_with_mp_by_seed(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks.table7 import markdown, summarise
 
@@ -123,12 +123,16 @@ def test_table7_pairs_each_arms_gain_with_scratch_by_seed(monkeypatch):
     assert (low, high) == (pytest.approx(0.15 - 0.6353, abs=1e-3),
                            pytest.approx(0.15 + 0.6353, abs=1e-3))
     assert summary["mp+cl"]["stopped"] == {"plateau": 1, "budget-still-improving": 1}
+    assert mp["gain_vs_mp"] is None and summary["scratch"]["gain_vs_mp"] is None
+    assert summary["mp+cl"]["gain_vs_mp"]["mean"] == pytest.approx(0.1)    # +10 in both seeds
     lines = markdown(list(summary.values()), ["scratch", "mp", "mp+cl"], "final")
     assert lines[2] == "| arm | eight directions (ssv2) |"
     assert [line.split(" | ")[0] for line in lines[4:]] == ["| scratch", "| MP", "| MP + CL",
                                                             "| chance"]
     assert lines[5].startswith("| MP | 40.0 [") and "; gain +15.0 [" in lines[5]
     assert "stopped: budget-still-improving 1, plateau 1" in lines[5]
+    assert "; gain +25.0 [" in lines[6] and "; over MP +10.0 [+10.0, +10.0]" in lines[6]
+    assert "over MP" not in lines[5]
     assert lines[-1] == "| chance | 12.5 % |"
 
 
