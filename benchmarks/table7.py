@@ -29,6 +29,10 @@ fine-tuning stopped, seconds) is rewritten after every run.
 
 Parts can run side by side (e.g. ``--layouts ssv2`` and ``--layouts ucf101`` in two processes with
 their own ``--runs`` and ``--out``); ``--combine A.json B.json --out T.json`` then makes one table.
+What a minimum budget for the plateau rule changes: run again, with ``--set
+finetune.plateau_min_epochs=E``, the runs that stopped before epoch E, then ``--combine NEW.json
+... --over OLD.json`` keeps OLD's runs that stopped later (the minimum cannot change them) and
+refuses to keep one that stopped earlier.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ def arm_row(run: PipelineRun, task: str, layout: str, seed: int, arm: str) -> di
             "stopped_step": tuned.get("stopped_step"), "stop_reason": tuned.get("stop_reason"),
             "steps": tuned.get("steps"), "total_steps": tuned.get("total_steps"),
             "best_val_top1": tuned.get("best_val_top1"), "best_step": tuned.get("best_step"),
+            "min_step": (tuned.get("plateau") or {}).get("min_step", 0),
             "run_seconds": run.seconds, "stage_seconds": run.stage_seconds(stages)}
 
 
@@ -221,29 +226,31 @@ def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return f"{key}: {a.get(key)!r} against {b.get(key)!r}"
 
 
-def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
+def load_result(path: Path) -> dict[str, Any]:
+    """A finished result of this benchmark, its rows checked; one line naming the file if not."""
+    try:
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        if not data.get("complete"):
+            raise SystemExit(f"{path}: the run that wrote it has not finished")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"{path}: not a table7 result ({exc})") from None
+    for row in rows:
+        missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise SystemExit(f"{path}: a row without {missing[0]!r}")
+    return data
+
+
+def combine(paths: list[Path], out: Path, checkpoint: str,
+            over: Path | None = None) -> dict[str, Any]:
     """One table from JSONs this benchmark wrote (e.g. one per layout, run side by side): their
     rows together, each (task, layout, seed, arm) once, one corpus seed, one setting (what the
     runs share: every option but the runs folder and which tasks, arms, layouts and seeds; a file
-    from before the setting was kept has none to compare)."""
-    rows: list[dict[str, Any]] = []
-    machines: list[Any] = []
-    settings: list[Any] = []
-    for path in paths:
-        try:
-            data = json.loads(path.read_text())
-            machines.append(data.get("machine"))
-            settings.append(data.get("setting"))
-            found = data["rows"]
-            if not data.get("complete"):
-                raise SystemExit(f"{path}: the run that wrote it has not finished")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SystemExit(f"{path}: not a table7 result ({exc})") from None
-        for row in found:
-            missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise SystemExit(f"{path}: a row without {missing[0]!r}")
-        rows += found
+    from before the setting was kept has none to compare). ``over``: see :func:`overlay`."""
+    loaded = [load_result(path) for path in paths]
+    rows = [row for data in loaded for row in data["rows"]]
+    settings = [data.get("setting") for data in loaded]
     shared = [(path, {k: v for k, v in setting.items() if k not in PER_PART})
               for path, setting in zip(paths, settings, strict=True)
               if isinstance(setting, dict)]
@@ -255,16 +262,68 @@ def combine(paths: list[Path], out: Path, checkpoint: str) -> dict[str, Any]:
     twice = [k for k, n in seen.items() if n > 1]
     if twice:
         raise SystemExit(f"(task, layout, seed, arm) {twice[0]} is in more than one file")
+    extra: dict[str, Any] = {}
+    if over is not None:
+        rows, extra = overlay(rows, settings, over)
     corpora = {r.get("corpus_seed") for r in rows}
     if len(corpora) > 1:
         raise SystemExit(f"the files come from different corpus seeds: {sorted(map(str, corpora))}")
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     summary = summarise(rows)
-    result = {"combined": [str(p) for p in paths], "settings": settings, "machines": machines,
+    result = {"combined": [str(p) for p in paths], "settings": settings,
+              "machines": [data.get("machine") for data in loaded], **extra,
               "complete": True, "rows": rows, "summary": summary,
               "table": markdown(summary, arms, checkpoint)}
     write_json(out, result)
     return result
+
+
+MINIMUM = "finetune.plateau_min_epochs="
+
+
+def overlay(rows: list[dict[str, Any]], settings: list[Any],
+            over: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What a minimum budget of the plateau rule changes, without rerunning what it cannot
+    change. ``rows`` ran with ``--set finetune.plateau_min_epochs=E`` (all one minimum); ``over``
+    is the same setting without it. A run the rule stopped at or after the minimum's update is
+    the same run under the minimum (the rule differs only before it), so ``over``'s rows that
+    ``rows`` lack are kept if they stopped there, and refused, naming the row, if they stopped
+    earlier. Rows run again that ``over`` has too are compared with it: the same top-1 at the
+    same update shows, on full-size runs, that the minimum left them alone."""
+    old = load_result(over)
+    base = old.get("setting")
+    for setting in settings:
+        if not (isinstance(setting, dict) and isinstance(base, dict)):
+            raise SystemExit(f"{over}: --over needs files that record their settings")
+        added = [e for e in setting.get("extra", []) if e not in base.get("extra", [])]
+        mine = {k: v for k, v in setting.items() if k not in PER_PART | {"extra"}}
+        theirs = {k: v for k, v in base.items() if k not in PER_PART | {"extra"}}
+        if mine != theirs or not added or any(not e.startswith(MINIMUM) for e in added) \
+                or any(e not in setting.get("extra", []) for e in base.get("extra", [])):
+            raise SystemExit(f"{over}: the files differ from it by more than {MINIMUM}E "
+                             f"(extra {base.get('extra')} against {setting.get('extra')}, "
+                             f"{first_difference(theirs, mine) if mine != theirs else 'no other'})")
+    minimum = sorted({r.get("min_step") for r in rows}, key=str)
+    if len(minimum) != 1 or not isinstance(minimum[0], int) or minimum[0] <= 0:
+        raise SystemExit("the files' runs do not share one minimum budget (their min_step: "
+                         f"{', '.join(map(str, minimum))})")
+    step = minimum[0]
+    key = lambda r: (r["task"], r["layout"], r["seed"], r["arm"])  # noqa: E731
+    again = {key(r): r for r in rows}
+    kept, same, changed = [], [], []
+    for row in old["rows"]:
+        if key(row) in again:
+            new = again[key(row)]
+            alike = (new["top1"], new["stopped_step"]) == (row["top1"], row.get("stopped_step"))
+            (same if alike else changed).append(list(key(row)))
+        elif not isinstance(row.get("stopped_step"), int) or row["stopped_step"] < step:
+            raise SystemExit(f"{over}: {key(row)} stopped at update {row.get('stopped_step')}, "
+                             f"before the minimum budget's update {step}: run it again")
+        else:
+            kept.append({**row, "source": "kept"})
+    return ([{**r, "source": "rerun"} for r in rows] + kept,
+            {"over": str(over), "min_step": step, "kept": [list(key(r)) for r in kept],
+             "rerun_same_as_before": same, "rerun_changed": changed})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -303,9 +362,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
                         help="run nothing: one table from finished results of this benchmark "
                              "(e.g. one per layout, run side by side), written to --out")
+    parser.add_argument("--over", type=Path, default=None, metavar="JSON",
+                        help="with --combine: the files ran with --set "
+                             "finetune.plateau_min_epochs=E and replace this result's rows; its "
+                             "other rows are kept if they stopped at or after the minimum")
     args = parser.parse_args(argv)
+    if args.over and not args.combine:
+        raise SystemExit("--over goes with --combine")
     if args.combine:
-        result = combine(args.combine, Path(args.out), args.checkpoint)
+        result = combine(args.combine, Path(args.out), args.checkpoint, args.over)
+        if args.over:
+            print(f"minimum budget: no plateau stop before update {result['min_step']}; "
+                  f"{len(result['kept'])} runs of {args.over} kept (stopped after it); of those "
+                  f"run again, {len(result['rerun_same_as_before'])} the same as before, "
+                  f"{len(result['rerun_changed'])} changed\n")
         print("\n".join(result["table"]))
         return
     setting = Setting(args.config, args.runs, args.corpus_seed, args.checkpoint,

@@ -187,6 +187,53 @@ def test_table7_refuses_to_combine_files_run_with_other_settings(tmp_path, monke
         main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out)])
 
 
+def minimum_files(tmp_path, new_rows, old_rows, extra=("finetune.plateau_min_epochs=8",)):
+    setting = {"corpus_seed": 3, "checkpoint": "final", "extra": [], "runs": "a", "arms": []}
+    (tmp_path / "old.json").write_text(json.dumps({"complete": True, "setting": setting,
+                                                   "rows": old_rows}))
+    (tmp_path / "new.json").write_text(json.dumps({
+        "complete": True, "setting": {**setting, "extra": list(extra), "arms": ["scratch"]},
+        "rows": new_rows}))
+    return ["--combine", str(tmp_path / "new.json"), "--over", str(tmp_path / "old.json"),
+            "--out", str(tmp_path / "t.json")]
+
+
+def test_table7_over_keeps_the_runs_a_minimum_budget_cannot_change_and_refuses_the_rest(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    old = [{**r, "stopped_step": 50 if r["arm"] == "scratch" else 90} for r in table7_rows()]
+    old[-1]["stopped_step"] = 80                       # MP + CL seed 1: stopped at the minimum
+    rerun = [{**r, "min_step": 80, "stopped_step": 80} for r in old if r["arm"] == "scratch"]
+    rerun[0]["top1"] = 0.35                            # scratch seed 0 learned with the minimum
+    rerun.append({**old[4], "min_step": 80})           # MP + CL seed 0, stopped later: the same
+    main(minimum_files(tmp_path, rerun, old))
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["min_step"] == 80 and result["rerun_changed"] == [
+        ["directions", "ssv2", 0, "scratch"], ["directions", "ssv2", 1, "scratch"]]
+    assert result["rerun_same_as_before"] == [["directions", "ssv2", 0, "mp+cl"]]
+    assert len(result["kept"]) == 3 and len(result["rows"]) == 6
+    assert {r["source"] for r in result["rows"] if r["arm"] == "scratch"} == {"rerun"}
+    gains = {s["arm"]: s["gain_vs_scratch"]["mean"] for s in result["summary"]
+             if s["gain_vs_scratch"]}
+    assert gains["mp+cl"] == pytest.approx(((0.4 - 0.35) + (0.6 - 0.3)) / 2)  # the new scratch
+    out = capsys.readouterr().out
+    assert "no plateau stop before update 80; 3 runs of" in out
+    assert "1 the same as before, 2 changed" in out
+    early = [dict(r) for r in old]
+    early[2]["stopped_step"] = 79                      # MP seed 0 stopped before the minimum
+    with pytest.raises(SystemExit, match=r"old.json: \('directions', 'ssv2', 0, 'mp'\) stopped "
+                                         r"at update 79, before the minimum budget's update 80"):
+        main(minimum_files(tmp_path, rerun, early))
+    with pytest.raises(SystemExit, match="differ from it by more than finetune.plateau_min_epo"):
+        main(minimum_files(tmp_path, rerun, old, extra=["finetune.epochs=8"]))
+    with pytest.raises(SystemExit, match="do not share one minimum budget .*min_step: 0"):
+        main(minimum_files(tmp_path, [{**r, "min_step": 0} for r in rerun], old))
+    with pytest.raises(SystemExit, match="--over goes with --combine"):
+        main(["--over", str(tmp_path / "old.json")])
+
+
 @pytest.mark.parametrize("content, message", [
     ({"complete": False, "rows": []}, "has not finished"),
     ({"complete": True}, "not a table7 result"),

@@ -129,6 +129,12 @@ def test_plateau_settings_are_checked_and_named(tmp_path):
         load_pipeline("p", path, ["finetune.plateau_min_delta=2"])
     with pytest.raises(ConfigError, match="finetune.plateau_patience = 3: .*val_fraction > 0"):
         load_pipeline("p", path, ["finetune.plateau_patience=3", "finetune.val_fraction=0"])
+    assert load_pipeline("p", path).finetune.plateau_min_epochs == 0           # no minimum
+    with pytest.raises(ConfigError, match="finetune.plateau_min_epochs = 4.0: .*plateau_patience"):
+        load_pipeline("p", path, ["finetune.plateau_min_epochs=4"])
+    with pytest.raises(ConfigError, match="plateau_min_epochs = 16.0: must be below .*epochs"):
+        load_pipeline("p", path, ["finetune.plateau_patience=3", "finetune.epochs=16",
+                                  "finetune.plateau_min_epochs=16"])
 
 
 def test_the_fine_tuning_pool_is_a_name_in_the_pools_table(tmp_path):
@@ -151,7 +157,9 @@ def test_a_field_added_at_its_default_leaves_the_cache_key_alone():
     from vimpac.config import FinetuneConfig
 
     plain = result_fields(FinetuneConfig())
-    assert "plateau_patience" not in plain and "plateau_min_delta" not in plain
+    assert not {"plateau_patience", "plateau_min_delta", "plateau_min_epochs"} & set(plain)
     assert "pool" not in plain and result_fields(FinetuneConfig(pool="mean"))["pool"] == "mean"
     on = result_fields(dataclasses.replace(FinetuneConfig(), plateau_patience=4))
     assert on["plateau_patience"] == 4 and "plateau_min_delta" not in on
+    at_least = result_fields(dataclasses.replace(FinetuneConfig(), plateau_min_epochs=8.0))
+    assert at_least["plateau_min_epochs"] == 8.0

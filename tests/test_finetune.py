@@ -420,6 +420,20 @@ def test_a_run_that_ends_on_a_rise_is_still_improving_and_off_means_never_stop()
     assert stop_record(Plateau(0, 0.01), 5, 5, validated=False)["stopped"] == "budget"
 
 
+def test_a_minimum_budget_holds_the_stop_until_its_update_and_moves_no_later_stop():
+    flat = [(s, 0.125) for s in range(10, 70, 10)]             # best at the first, then nothing
+    plain, held = Plateau(patience=2, min_delta=0.01), Plateau(2, 0.01, min_step=55)
+    assert [plain.observe(s, v) for s, v in flat[:3]] == [False, False, True]   # stops at 30
+    assert [held.observe(s, v) for s, v in flat] == [False] * 5 + [True]        # first at 60
+    assert held.stopped_at == 60 and held.since_best == 5 and held.best_step == 10
+    assert "; no stop before update 55" in stop_record(held, 60, 100, True)["stop_reason"]
+    curve = [(10, 0.2), (20, 0.3), (30, 0.5), (40, 0.5), (50, 0.51), (60, 0.5)]
+    for minimum in (0, 25, 60):                                  # the stop at 60 is >= each
+        rule = Plateau(patience=3, min_delta=0.02, min_step=minimum)
+        assert [rule.observe(s, v) for s, v in curve][-1] and rule.stopped_at == 60
+    assert "no stop before" not in stop_record(Plateau(3, 0.02), 60, 100, True)["stop_reason"]
+
+
 def test_the_plateau_state_round_trips_and_refuses_another_rule():
     rule = Plateau(patience=2, min_delta=0.1)
     rule.observe(3, 0.5)
@@ -429,6 +443,11 @@ def test_the_plateau_state_round_trips_and_refuses_another_rule():
     assert copy == rule
     with pytest.raises(ValueError, match="patience 2"):
         Plateau(patience=3, min_delta=0.1).load_state_dict(rule.state_dict())
+    with pytest.raises(ValueError, match="min_step 0 does not fit .* 0.1, 9"):
+        Plateau(patience=2, min_delta=0.1, min_step=9).load_state_dict(rule.state_dict())
+    older = {k: v for k, v in rule.state_dict().items() if k != "min_step"}
+    copy.load_state_dict(older)                                # saved before the minimum existed
+    assert copy == rule
 
 
 PLATEAU_CFG = dataclasses.replace(CFG, epochs=20, plateau_patience=6)    # 45 updates at most
@@ -466,6 +485,25 @@ def test_an_interrupted_run_resumes_into_the_same_plateau_stop(archive, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = run_finetune(archive, PLATEAU_CFG, tmp_path / "split", model_preset=test_preset)
     assert again["steps"] == stop and again["stopped"] == "plateau"   # a stopped run stays so
+
+
+def test_a_minimum_budget_runs_on_past_the_plain_stop_and_a_lower_one_changes_nothing(
+        archive, tmp_path, test_preset):
+    plain = run_finetune(archive, PLATEAU_CFG, tmp_path / "plain", model_preset=test_preset)
+    stop, per_epoch = plain["stopped_step"], plain["total_steps"] / PLATEAU_CFG.epochs
+    assert plain["stopped"] == "plateau" and stop < plain["total_steps"] - 4
+    below = dataclasses.replace(PLATEAU_CFG, plateau_min_epochs=(stop - 1) / per_epoch)
+    same = run_finetune(archive, below, tmp_path / "below", model_preset=test_preset)
+    assert {k: same[k] for k in ("steps", "stopped", "best_val_top1", "final_val_top1")} \
+        == {k: plain[k] for k in ("steps", "stopped", "best_val_top1", "final_val_top1")}
+    a = load_checkpoint(tmp_path / "plain" / "final.pt")["model"]
+    b = load_checkpoint(tmp_path / "below" / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    above = dataclasses.replace(PLATEAU_CFG, plateau_min_epochs=(stop + 2) / per_epoch)
+    later = run_finetune(archive, above, tmp_path / "above", model_preset=test_preset)
+    assert later["steps"] >= stop + 2 > stop and later["plateau"]["min_step"] == stop + 2
+    assert later["stopped"] == "plateau" and later["plateau"]["best_step"] < stop
+    assert later["stop_reason"].endswith(f"no stop before update {stop + 2}")
 
 
 @pytest.mark.parametrize(("curve", "stopped"), [

@@ -58,6 +58,10 @@ class FinetuneConfig:
                                            "counts as an improvement, for the plateau rule and "
                                            "the still-improving warning",
                                      ge=0, le=1, keyed_when_set=True)
+    plateau_min_epochs: float = param(0.0, "a minimum budget: the plateau rule stops no run "
+                                           "before this many epochs (it counts validations "
+                                           "from the first all the same); 0 = no minimum",
+                                      ge=0, keyed_when_set=True)
     pool: str = param("cls", "what the classifier reads: cls (the paper) or mean (the mean of "
                              "the token features, as MAE fine-tunes); a name in "
                              "vimpac.pretrain.model.POOLS", choices=TableChoices(_pools),
@@ -72,6 +76,14 @@ class FinetuneConfig:
             raise where.error("finetune.plateau_patience", self.plateau_patience,
                               "the plateau rule watches the validation split: set "
                               "finetune.val_fraction > 0 or plateau_patience: 0")
+        if self.plateau_min_epochs > 0 and self.plateau_patience == 0:
+            raise where.error("finetune.plateau_min_epochs", self.plateau_min_epochs,
+                              "a minimum budget for the plateau rule needs the rule: set "
+                              "finetune.plateau_patience > 0 or plateau_min_epochs: 0")
+        if self.plateau_min_epochs >= self.epochs:
+            raise where.error("finetune.plateau_min_epochs", self.plateau_min_epochs,
+                              f"must be below finetune.epochs ({self.epochs}), the maximum "
+                              "budget, or the rule could never stop a run")
 
 
 @dataclass

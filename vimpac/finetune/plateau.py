@@ -3,7 +3,11 @@
 A validation *improves* when its top-1 beats the best so far by at least ``min_delta`` (the first
 validation always does). With ``patience`` P > 0 the run stops at the validation that makes P in
 a row without an improvement; ``finetune.epochs`` is then the maximum budget. With P = 0 the rule
-only watches, and the run trains for the whole budget.
+only watches, and the run trains for the whole budget. ``min_step`` (``finetune.plateau_min_epochs``
+in updates) is a minimum budget: the rule counts validations from the first one all the same, but
+stops no run before that update, so a run whose first validations are flat at its start (a best
+at the first validation, then nothing) is not stopped before it has had the chance to leave it.
+A run the rule stops at or after ``min_step`` stops at the same update as with no minimum.
 
 Every finished run records why it stopped (:func:`stop_record`):
 
@@ -40,6 +44,7 @@ class Plateau:
 
     patience: int
     min_delta: float
+    min_step: int = 0           # no stop before this update
     best: float = -1.0
     best_step: int = -1
     since_best: int = 0         # validations in a row without an improvement
@@ -56,7 +61,7 @@ class Plateau:
             self.best, self.best_step, self.since_best = top1, step, 0
         else:
             self.since_best += 1
-        if 0 < self.patience <= self.since_best:
+        if 0 < self.patience <= self.since_best and step >= self.min_step:
             self.stopped_at = step
         return self.stopped
 
@@ -73,10 +78,12 @@ class Plateau:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        rule = (state.get("patience"), state.get("min_delta"))
-        if rule != (self.patience, self.min_delta):
-            raise ValueError(f"plateau state of patience {rule[0]}, min_delta {rule[1]} does not "
-                             f"fit this run's {self.patience}, {self.min_delta}")
+        state = {"min_step": 0, **state}       # states saved before the minimum had none
+        rule = (state.get("patience"), state.get("min_delta"), state["min_step"])
+        if rule != (self.patience, self.min_delta, self.min_step):
+            raise ValueError(f"plateau state of patience {rule[0]}, min_delta {rule[1]}, "
+                             f"min_step {rule[2]} does not fit this run's {self.patience}, "
+                             f"{self.min_delta}, {self.min_step}")
         for f in dataclasses.fields(self):
             setattr(self, f.name, state[f.name])
 
@@ -89,7 +96,7 @@ def stop_record(plateau: Plateau, step: int, total: int, validated: bool) -> dic
         reason = PLATEAU
         text = (f"plateau at update {step} of {total}: {_validations(p.since_best)} without "
                 f"a rise of {p.min_delta:.1%} over the best top-1 {p.best:.1%} (update "
-                f"{p.best_step})")
+                f"{p.best_step})" + (f"; no stop before update {p.min_step}" if p.min_step else ""))
     elif not validated or p.validations == 0:
         reason = BUDGET
         text = f"budget: all {total} updates done (no validation split, no plateau rule)"

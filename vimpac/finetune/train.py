@@ -329,7 +329,7 @@ class Finetuner:
     checkpoint restores."""
 
     def __init__(self, model: FinetuneModel, cfg: FinetuneConfig, dist_info: DistInfo,
-                 total: int, init: str) -> None:
+                 total: int, init: str, plateau_from: int = 0) -> None:
         self.cfg, self.dist, self.total, self.init = cfg, dist_info, total, init
         self.raw = model.to(dist_info.device)
         # Order: device -> DDP -> optimizer over the unwrapped parameters.
@@ -343,7 +343,7 @@ class Finetuner:
                                                            warmup_linear(total, cfg.warmup))
         self.step = 0
         self.best_top1, self.best_step, self.last_top1 = -1.0, -1, -1.0
-        self.plateau = Plateau(cfg.plateau_patience, cfg.plateau_min_delta)
+        self.plateau = Plateau(cfg.plateau_patience, cfg.plateau_min_delta, plateau_from)
 
     def parts(self) -> dict[str, Any]:
         """What a checkpoint holds state dicts of."""
@@ -415,13 +415,15 @@ class Schedule:
     eval_every: int
     save_every: int
     updates_per_epoch: float
+    plateau_from: int = 0       # the plateau rule's minimum budget, in updates
 
     @classmethod
     def of(cls, cfg: FinetuneConfig, n_train: int) -> Schedule:
         per_epoch = n_train / cfg.batch_size
         return cls(total=math.ceil(cfg.epochs * per_epoch),
                    eval_every=max(1, round(cfg.eval_every * per_epoch)),
-                   save_every=max(1, round(per_epoch)), updates_per_epoch=per_epoch)
+                   save_every=max(1, round(per_epoch)), updates_per_epoch=per_epoch,
+                   plateau_from=math.ceil(cfg.plateau_min_epochs * per_epoch))
 
 
 def write_run_config(out: Path, cfg: FinetuneConfig, archive: str | Path, init: str | None,
@@ -497,7 +499,7 @@ def _run(archive_path: str, cfg: FinetuneConfig, out: Path, init: str | None, pr
     torch.manual_seed(cfg.seed + 7919 * (dist_info.rank + 1))  # each rank its own dropout
     schedule = Schedule.of(cfg, len(data.train))
     start = str(Path(init).resolve()) if init else f"scratch:{preset}"
-    trainer = Finetuner(model, cfg, dist_info, schedule.total, start)
+    trainer = Finetuner(model, cfg, dist_info, schedule.total, start, schedule.plateau_from)
     ckpt = Checkpointer(out / "checkpoints", cfg, keep=2,
                         identity={"total": schedule.total, "init": start})
     metrics = MetricsLog(out, enabled=dist_info.is_main)
