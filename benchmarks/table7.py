@@ -120,13 +120,16 @@ def runs_of(setting: Setting, task: str, layout: str, seed: int,
             arms: list[str]) -> list[dict[str, Any]]:
     """Rows of every arm for one (task, layout, seed). The scratch arm comes with the first
     pre-trained arm's run (its stages do not depend on pre-training, so every run shares them);
-    asked for alone, it still runs the pipeline's MP + CL pre-training."""
+    asked for alone, it is that run with ``finetune.init=scratch``: the same fine-tuning, without
+    the pre-trained arm's (the pipeline still plans MP + CL pre-training, run once if not
+    cached)."""
     pretrained = [a for a in arms if a != "scratch"] or ["mp+cl"]
+    alone = ["finetune.init=scratch"] if arms == ["scratch"] else []
     rows = []
     for i, arm in enumerate(pretrained):
         scratch = "scratch" in arms and i == 0
         run = run_with(TASKS[task].pipeline, setting.config, setting.runs,
-                       overrides(setting, task, layout, seed, arm, scratch))
+                       overrides(setting, task, layout, seed, arm, scratch) + alone)
         if arm in arms:
             rows.append(arm_row(run, task, layout, seed, arm))
         if scratch:
@@ -281,6 +284,21 @@ def combine(paths: list[Path], out: Path, checkpoint: str,
 MINIMUM = "finetune.plateau_min_epochs="
 
 
+def not_a_minimum(base: dict[str, Any], setting: dict[str, Any]) -> str | None:
+    """How ``setting`` differs from ``base`` by more than one added ``--set`` of the minimum
+    budget (None if it does not)."""
+    theirs = {k: v for k, v in base.items() if k not in PER_PART | {"extra"}}
+    mine = {k: v for k, v in setting.items() if k not in PER_PART | {"extra"}}
+    if mine != theirs:
+        return first_difference(theirs, mine)
+    before, after = list(base.get("extra", [])), list(setting.get("extra", []))
+    added = [e for e in after if e not in before]
+    if [e for e in after if e in before] != before or len(added) != 1 \
+            or not added[0].startswith(MINIMUM):
+        return f"extra: {before!r} against {after!r}"
+    return None
+
+
 def overlay(rows: list[dict[str, Any]], settings: list[Any],
             over: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What a minimum budget of the plateau rule changes, without rerunning what it cannot
@@ -291,18 +309,15 @@ def overlay(rows: list[dict[str, Any]], settings: list[Any],
     earlier. Rows run again that ``over`` has too are compared with it: the same top-1 at the
     same update shows, on full-size runs, that the minimum left them alone."""
     old = load_result(over)
-    base = old.get("setting")
+    bases = [old["setting"]] if "setting" in old else old.get("settings")  # a run, or combined
+    if not bases or not all(isinstance(b, dict) for b in [*bases, *settings]):
+        raise SystemExit(f"{over}: --over needs files that record their settings")
     for setting in settings:
-        if not (isinstance(setting, dict) and isinstance(base, dict)):
-            raise SystemExit(f"{over}: --over needs files that record their settings")
-        added = [e for e in setting.get("extra", []) if e not in base.get("extra", [])]
-        mine = {k: v for k, v in setting.items() if k not in PER_PART | {"extra"}}
-        theirs = {k: v for k, v in base.items() if k not in PER_PART | {"extra"}}
-        if mine != theirs or not added or any(not e.startswith(MINIMUM) for e in added) \
-                or any(e not in setting.get("extra", []) for e in base.get("extra", [])):
-            raise SystemExit(f"{over}: the files differ from it by more than {MINIMUM}E "
-                             f"(extra {base.get('extra')} against {setting.get('extra')}, "
-                             f"{first_difference(theirs, mine) if mine != theirs else 'no other'})")
+        for base in bases:
+            wrong = not_a_minimum(base, setting)
+            if wrong:
+                raise SystemExit(f"{over}: the files differ from it by more than {MINIMUM}E "
+                                 f"({wrong})")
     minimum = sorted({r.get("min_step") for r in rows}, key=str)
     if len(minimum) != 1 or not isinstance(minimum[0], int) or minimum[0] <= 0:
         raise SystemExit("the files' runs do not share one minimum budget (their min_step: "

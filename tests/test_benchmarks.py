@@ -311,6 +311,14 @@ def test_table7_runs_every_arm_and_task_through_the_pipeline(tmp_path, monkeypat
     for arm in ("scratch", "MP", "MP + CL"):
         assert f"\n| {arm} | " in table
     assert "| chance | 20.0 % | 12.5 % |" in table and "; gain " in table
+    alone = tmp_path / "scratch.json"                    # the scratch arm alone: the same runs
+    main(["--tasks", "directions", "--arms", "scratch", "--out", str(alone)] + argv[:-2]
+         + [arg for s in TABLE7_TINY for arg in ("--set", s)])
+    again = {r["seed"]: r for r in json.loads(alone.read_text())["rows"]}
+    for row in data["rows"]:
+        if row["task"] == "directions" and row["arm"] == "scratch":
+            assert (again[row["seed"]]["top1"], again[row["seed"]]["stopped_step"]) \
+                == (row["top1"], row["stopped_step"])
 
 
 def test_arrow_of_time_clips_differ_only_by_the_order_of_their_frames(monkeypatch):
