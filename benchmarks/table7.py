@@ -234,6 +234,8 @@ def load_result(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         rows = data["rows"]
+        if not isinstance(rows, list):
+            raise TypeError(f"rows is a {type(rows).__name__}, not a list")
         if not data.get("complete"):
             raise SystemExit(f"{path}: the run that wrote it has not finished")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -329,7 +331,7 @@ def overlay(rows: list[dict[str, Any]], settings: list[Any],
     for row in old["rows"]:
         if key(row) in again:
             new = again[key(row)]
-            alike = (new["top1"], new["stopped_step"]) == (row["top1"], row.get("stopped_step"))
+            alike = (new["top1"], new.get("stopped_step")) == (row["top1"], row.get("stopped_step"))
             (same if alike else changed).append(list(key(row)))
         elif not isinstance(row.get("stopped_step"), int) or row["stopped_step"] < step:
             raise SystemExit(f"{over}: {key(row)} stopped at update {row.get('stopped_step')}, "

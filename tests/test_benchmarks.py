@@ -238,6 +238,7 @@ def test_table7_over_keeps_the_runs_a_minimum_budget_cannot_change_and_refuses_t
     ({"complete": False, "rows": []}, "has not finished"),
     ({"complete": True}, "not a table7 result"),
     ([{"complete": True}], "not a table7 result"),
+    ({"complete": True, "rows": 5}, "not a table7 result .*rows is a int"),
     ({"complete": True, "rows": [{"task": "directions"}]}, "a row without 'layout'"),
 ])
 def test_table7_refuses_to_combine_an_unfinished_or_foreign_file(tmp_path, monkeypatch, content,
