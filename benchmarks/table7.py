@@ -224,6 +224,11 @@ ROW_KEYS = ("task", "layout", "seed", "arm", "top1", "chance", "stopped", "steps
 PER_PART = {"runs", "tasks", "arms", "layouts", "seeds", "converge"}   # may differ between files
 
 
+def run_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A run of the benchmark: (task, layout, seed, arm)."""
+    return row["task"], row["layout"], row["seed"], row["arm"]
+
+
 def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
     return f"{key}: {a.get(key)!r} against {b.get(key)!r}"
@@ -263,7 +268,7 @@ def combine(paths: list[Path], out: Path, checkpoint: str,
         if setting != shared[0][1]:
             raise SystemExit(f"{path}: ran with other settings than {shared[0][0]} "
                              f"({first_difference(shared[0][1], setting)})")
-    seen = Counter((r["task"], r["layout"], r["seed"], r["arm"]) for r in rows)
+    seen = Counter(run_key(r) for r in rows)
     twice = [k for k, n in seen.items() if n > 1]
     if twice:
         raise SystemExit(f"(task, layout, seed, arm) {twice[0]} is in more than one file")
@@ -325,21 +330,20 @@ def overlay(rows: list[dict[str, Any]], settings: list[Any],
         raise SystemExit("the files' runs do not share one minimum budget (their min_step: "
                          f"{', '.join(map(str, minimum))})")
     step = minimum[0]
-    key = lambda r: (r["task"], r["layout"], r["seed"], r["arm"])  # noqa: E731
-    again = {key(r): r for r in rows}
+    again = {run_key(r): r for r in rows}
     kept, same, changed = [], [], []
     for row in old["rows"]:
-        if key(row) in again:
-            new = again[key(row)]
+        if run_key(row) in again:
+            new = again[run_key(row)]
             alike = (new["top1"], new.get("stopped_step")) == (row["top1"], row.get("stopped_step"))
-            (same if alike else changed).append(list(key(row)))
+            (same if alike else changed).append(list(run_key(row)))
         elif not isinstance(row.get("stopped_step"), int) or row["stopped_step"] < step:
-            raise SystemExit(f"{over}: {key(row)} stopped at update {row.get('stopped_step')}, "
+            raise SystemExit(f"{over}: {run_key(row)} stopped at update {row.get('stopped_step')}, "
                              f"before the minimum budget's update {step}: run it again")
         else:
             kept.append({**row, "source": "kept"})
     return ([{**r, "source": "rerun"} for r in rows] + kept,
-            {"over": str(over), "min_step": step, "kept": [list(key(r)) for r in kept],
+            {"over": str(over), "min_step": step, "kept": [list(run_key(r)) for r in kept],
              "rerun_same_as_before": same, "rerun_changed": changed})
 
 
