@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.pipeline_runs import csv_list, interval_text, mean_interval
+from benchmarks.pipeline_runs import csv_list, interval_text, mean_interval, run_main
 from vimpac.common.environment import machine
 from vimpac.common.fileio import atomic_write_json
 from vimpac.pretrain.losses import (
@@ -482,4 +482,4 @@ def finished_runs(out: Path, settings: Settings) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

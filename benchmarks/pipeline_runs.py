@@ -11,8 +11,9 @@ checkpoint.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,3 +81,16 @@ def interval_text(stats: dict[str, Any], scale: float = 100.0, sign: bool = Fals
 def csv_list(text: str) -> list[str]:
     """``"a, b,c"`` -> ``["a", "b", "c"]``."""
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a benchmark's ``main`` as a command: a ``SystemExit`` carrying a message (bad input,
+    named in one line) is that line on stderr and exit status 2, as the ``vimpac`` command does."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    raise SystemExit(code)

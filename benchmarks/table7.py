@@ -50,6 +50,7 @@ from benchmarks.pipeline_runs import (
     csv_list,
     interval_text,
     mean_interval,
+    run_main,
     run_with,
     seed_overrides,
 )
@@ -409,4 +410,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -251,6 +251,16 @@ def test_table7_refuses_to_combine_an_unfinished_or_foreign_file(tmp_path, monke
         main(["--combine", str(tmp_path / "a.json"), "--out", str(tmp_path / "t.json")])
 
 
+def test_table7_as_a_command_says_bad_input_in_one_line_with_exit_2(tmp_path):
+    (tmp_path / "a.json").write_text('{"complete": tr')                   # truncated
+    done = subprocess.run([sys.executable, "-m", "benchmarks.table7", "--combine",
+                           str(tmp_path / "a.json"), "--out", str(tmp_path / "t.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"{tmp_path / 'a.json'}: not a table7 result "
+                                        "(Expecting value: line 1 column 14 (char 13))"]
+
+
 def test_table7_refuses_to_combine_the_same_run_twice(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks.table7 import main
