@@ -55,6 +55,7 @@ from benchmarks.pipeline_runs import (
     seed_overrides,
 )
 from vimpac.common.environment import machine
+from vimpac.common.fileio import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,10 @@ def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[s
                                       "seeds": seeds},
                           "machine": machine(), "complete": False, "rows": rows,
                           "summary": summarise(rows)}
-                write_json(out, result)
+                atomic_write_json(out, result)
     result["complete"] = True
     result["table"] = markdown(result["summary"], arms, setting.checkpoint)
-    write_json(out, result)
+    atomic_write_json(out, result)
     return result
 
 
@@ -285,7 +286,7 @@ def combine(paths: list[Path], out: Path, checkpoint: str,
               "machines": [data.get("machine") for data in loaded], **extra,
               "complete": True, "rows": rows, "summary": summary,
               "table": markdown(summary, arms, checkpoint)}
-    write_json(out, result)
+    atomic_write_json(out, result)
     return result
 
 
@@ -346,13 +347,6 @@ def overlay(rows: list[dict[str, Any]], settings: list[Any],
     return ([{**r, "source": "rerun"} for r in rows] + kept,
             {"over": str(over), "min_step": step, "kept": [list(run_key(r)) for r in kept],
              "rerun_same_as_before": same, "rerun_changed": changed})
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 def choices(text: str, known: dict[str, Any], flag: str) -> list[str]:
