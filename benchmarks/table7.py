@@ -5,16 +5,15 @@ and after MP + contrastive (MP + CL). Tasks: ``five``, the ``demo`` pipeline's f
 (still, pan, move right, turn clockwise, approach; pre-trained as the demo is, 300 updates on the
 uncurated videos), and ``directions``, the ``demo-direction`` pipeline's eight classes that differ
 only by the direction of motion (each pair the same clip played backwards; 3,200 training videos,
-which 1,200 pre-training updates see without labels). Arms: ``scratch``
-(the pipeline's from-scratch fine-tuning), ``mp`` (pre-trained with
-``pretrain.contrastive_weight=0``) and ``mp+cl`` (pre-trained with the pipeline's contrastive
-weight). Every arm of a task fine-tunes under the same rule: for ``five`` at most
-``finetune.epochs`` = 40, stopping once validation top-1 has not risen by 0.01 for 8 validations
-(:data:`CONVERGE`); for ``directions`` the pipeline's own (at most 16 epochs, a validation every
-half epoch, patience 6); ``--set`` overrides either. Seed ``s`` seeds pre-training and
-fine-tuning (``--fixed-pretraining``: fine-tuning only); ``--corpus-seed`` generates another
-corpus (``data.synth_seed``), so a setting chosen on one corpus can be checked on a corpus it was
-not chosen on.
+which 1,200 pre-training updates see without labels). Arms: ``scratch`` (the pipeline's from-scratch
+fine-tuning), ``mp`` (pre-trained with ``pretrain.contrastive_weight=0``) and ``mp+cl`` (pre-trained
+with the pipeline's contrastive weight). Every arm of a task fine-tunes under the same rule: for
+``five`` at most ``finetune.epochs`` = 40, stopping once validation top-1 has not risen by 0.01 for
+8 validations (:data:`CONVERGE`); for ``directions`` the pipeline's own (at most 16 epochs, a
+validation every half epoch, patience 6); ``--set`` overrides either. Seed
+``s`` seeds pre-training and fine-tuning (``--fixed-pretraining``: fine-tuning only);
+``--corpus-seed`` generates another corpus (``data.synth_seed``), so a setting chosen on one corpus
+can be checked on a corpus it was not chosen on.
 
 Protocol: nothing is chosen on the evaluation split. The plateau rule and ``best.pt`` look only at
 the validation part of the training split; the number reported is ``final.pt`` (``--checkpoint
@@ -29,10 +28,10 @@ fine-tuning stopped, seconds) is rewritten after every run.
 
 Parts can run side by side (e.g. ``--layouts ssv2`` and ``--layouts ucf101`` in two processes with
 their own ``--runs`` and ``--out``); ``--combine A.json B.json --out T.json`` then makes one table.
-What a minimum budget for the plateau rule changes: run again, with ``--set
-finetune.plateau_min_epochs=E``, the runs that stopped before epoch E, then ``--combine NEW.json
-... --over OLD.json`` keeps OLD's runs that stopped later (the minimum cannot change them) and
-refuses to keep one that stopped earlier.
+What a minimum budget for the plateau rule changes: run again, with a larger
+``finetune.plateau_min_epochs`` = E, the runs that stopped before epoch E, then ``--combine
+NEW.json ... --over OLD.json`` keeps OLD's runs that stopped later (the minimum cannot change
+them) and refuses to keep one that stopped earlier.
 """
 
 from __future__ import annotations
@@ -294,29 +293,26 @@ MINIMUM = "finetune.plateau_min_epochs="
 
 
 def not_a_minimum(base: dict[str, Any], setting: dict[str, Any]) -> str | None:
-    """How ``setting`` differs from ``base`` by more than one added ``--set`` of the minimum
-    budget (None if it does not)."""
+    """How ``setting`` differs from ``base`` other than in ``--set`` of the minimum budget (None
+    if it does not; the pipeline's own minimum is compared through the rows' ``min_step``)."""
     theirs = {k: v for k, v in base.items() if k not in PER_PART | {"extra"}}
     mine = {k: v for k, v in setting.items() if k not in PER_PART | {"extra"}}
     if mine != theirs:
         return first_difference(theirs, mine)
-    before, after = list(base.get("extra", [])), list(setting.get("extra", []))
-    added = [e for e in after if e not in before]
-    if [e for e in after if e in before] != before or len(added) != 1 \
-            or not added[0].startswith(MINIMUM):
-        return f"extra: {before!r} against {after!r}"
-    return None
+    before, after = ([e for e in s.get("extra", []) if not str(e).startswith(MINIMUM)]
+                     for s in (base, setting))
+    return None if before == after else f"extra: {before!r} against {after!r}"
 
 
 def overlay(rows: list[dict[str, Any]], settings: list[Any],
             over: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """What a minimum budget of the plateau rule changes, without rerunning what it cannot
-    change. ``rows`` ran with ``--set finetune.plateau_min_epochs=E`` (all one minimum); ``over``
-    is the same setting without it. A run the rule stopped at or after the minimum's update is
-    the same run under the minimum (the rule differs only before it), so ``over``'s rows that
-    ``rows`` lack are kept if they stopped there, and refused, naming the row, if they stopped
-    earlier. Rows run again that ``over`` has too are compared with it: the same top-1 at the
-    same update shows, on full-size runs, that the minimum left them alone."""
+    """What a minimum budget of the plateau rule changes, without rerunning what it cannot change.
+    ``rows`` ran with a minimum budget (``finetune.plateau_min_epochs``, the pipeline's or set; all
+    one minimum); ``over`` is the same setting with none or a smaller one. A run the rule stopped at
+    or after the minimum's update is the same run under the minimum (the rule differs only before
+    it), so ``over``'s rows that ``rows`` lack are kept if they stopped there, and refused, naming
+    the row, if they stopped earlier. Rows run again that ``over`` has too are compared with it: the
+    same top-1 at the same update shows, on full-size runs, that the minimum left them alone."""
     old = load_result(over)
     bases = [old["setting"]] if "setting" in old else old.get("settings")  # a run, or combined
     if not bases or not all(isinstance(b, dict) for b in [*bases, *settings]):
@@ -332,6 +328,10 @@ def overlay(rows: list[dict[str, Any]], settings: list[Any],
         raise SystemExit("the files' runs do not share one minimum budget (their min_step: "
                          f"{', '.join(map(str, minimum))})")
     step = minimum[0]
+    for row in old["rows"]:
+        if not isinstance(row.get("min_step", 0), int) or row.get("min_step", 0) >= step:
+            raise SystemExit(f"{over}: {run_key(row)} ran with a minimum budget at update "
+                             f"{row.get('min_step')}, not below the files' {step}")
     again = {run_key(r): r for r in rows}
     kept, same, changed = [], [], []
     for row in old["rows"]:
@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run nothing: one table from finished results of this benchmark "
                              "(e.g. one per layout, run side by side), written to --out")
     parser.add_argument("--over", type=Path, default=None, metavar="JSON",
-                        help="with --combine: the files ran with --set "
-                             "finetune.plateau_min_epochs=E and replace this result's rows; its "
+                        help="with --combine: the files ran with a larger "
+                             "finetune.plateau_min_epochs and replace this result's rows; its "
                              "other rows are kept if they stopped at or after the minimum")
     args = parser.parse_args(argv)
     if args.over and not args.combine:

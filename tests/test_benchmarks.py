@@ -187,8 +187,10 @@ def test_table7_refuses_to_combine_files_run_with_other_settings(tmp_path, monke
         main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out", str(out)])
 
 
-def minimum_files(tmp_path, new_rows, old_rows, extra=("finetune.plateau_min_epochs=8",)):
-    setting = {"corpus_seed": 3, "checkpoint": "final", "extra": [], "runs": "a", "arms": []}
+def minimum_files(tmp_path, new_rows, old_rows, extra=("finetune.plateau_min_epochs=8",),
+                  old_extra=()):
+    setting = {"corpus_seed": 3, "checkpoint": "final", "extra": list(old_extra), "runs": "a",
+               "arms": []}
     (tmp_path / "old.json").write_text(json.dumps({"complete": True, "setting": setting,
                                                    "rows": old_rows}))
     (tmp_path / "new.json").write_text(json.dumps({
@@ -230,6 +232,22 @@ def test_table7_over_keeps_the_runs_a_minimum_budget_cannot_change_and_refuses_t
         main(minimum_files(tmp_path, rerun, old, extra=["finetune.epochs=8"]))
     with pytest.raises(SystemExit, match="do not share one minimum budget .*min_step: 0"):
         main(minimum_files(tmp_path, [{**r, "min_step": 0} for r in rerun], old))
+    with pytest.raises(SystemExit, match=r"old.json: \('directions', 'ssv2', 0, 'scratch'\) ran "
+                                         r"with a minimum budget at update 80, not below"):
+        main(minimum_files(tmp_path, rerun, [{**r, "min_step": 80} for r in old]))
+
+
+def test_table7_over_takes_the_minimum_from_the_runs_however_it_was_set(tmp_path, monkeypatch):
+    """The pipeline's own minimum against a result run with --set ...=0: the same overlay."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    old = [{**r, "stopped_step": 50 if r["arm"] == "scratch" else 90} for r in table7_rows()]
+    rerun = [{**r, "min_step": 80, "stopped_step": 80} for r in old if r["arm"] == "scratch"]
+    main(minimum_files(tmp_path, rerun, old, extra=(),
+                       old_extra=["finetune.plateau_min_epochs=0"]))
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["min_step"] == 80 and len(result["kept"]) == 4 and len(result["rows"]) == 6
     with pytest.raises(SystemExit, match="--over goes with --combine"):
         main(["--over", str(tmp_path / "old.json")])
 
