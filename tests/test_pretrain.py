@@ -187,7 +187,7 @@ def test_two_process_gloo_run(archive, tmp_path):
         "cfg = PretrainConfig(model='tiny', frames=5, grid=8, batch_size=8, micro_batch=2,\n"
         "                     steps=2, num_workers=0, proj_hidden=32, shuffle_buffer=4)\n"
         "r = run_pretrain([sys.argv[1]], cfg, sys.argv[2])\n"
-        "print('STEP', r.step)\n")
+        "sys.stdout.write(f'STEP {r.step}\\n')\n")     # one write: the ranks share one pipe
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(script), str(archive), str(tmp_path / "o")],

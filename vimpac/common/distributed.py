@@ -35,6 +35,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
+def finish() -> None:
+    """Wait until every rank is done (after a run that succeeded): gloo aborts a rank whose
+    process group is torn down while a peer is still working with it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

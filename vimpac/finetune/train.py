@@ -65,7 +65,7 @@ from vimpac.common.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vimpac.common.distributed import DistInfo, cleanup, init_distributed
+from vimpac.common.distributed import DistInfo, cleanup, finish, init_distributed
 from vimpac.common.fileio import atomic_write_json
 from vimpac.common.progress import NULL_PROGRESS, Progress
 from vimpac.common.training import MetricsLog, autocast_context, param_groups, warmup_linear
@@ -483,8 +483,11 @@ def run_finetune(archive_path: str | Path, cfg: FinetuneConfig, out_dir: str | P
     owns_group = not (dist.is_available() and dist.is_initialized())
     dist_info = init_distributed(device)
     try:
-        return _run(str(archive_path), cfg, Path(out_dir), init, model_preset, progress, splits,
-                    stop_after, dist_info)
+        result = _run(str(archive_path), cfg, Path(out_dir), init, model_preset, progress, splits,
+                      stop_after, dist_info)
+        if owns_group:
+            finish()
+        return result
     finally:
         if owns_group:  # leave a process group the caller set up
             cleanup()

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from vimpac.archive import open_archives
 from vimpac.common.checkpoint import Checkpointer, CheckpointManager, load_checkpoint
 from vimpac.common.config import config_to_yaml
-from vimpac.common.distributed import DistInfo, cleanup, init_distributed
+from vimpac.common.distributed import DistInfo, cleanup, finish, init_distributed
 from vimpac.common.errors import VimpacError
 from vimpac.common.fileio import atomic_write_bytes
 from vimpac.common.progress import NULL_PROGRESS, Progress
@@ -488,7 +488,9 @@ def run_pretrain(archives: list[str | Path], cfg: PretrainConfig, out_dir: str |
     dist = init_distributed()
     out = Path(out_dir)
     try:
-        return _run(sources, cfg, out, dist, progress, stop_after)
+        result = _run(sources, cfg, out, dist, progress, stop_after)
+        finish()
+        return result
     finally:
         cleanup()
 
