@@ -10,7 +10,7 @@ fine-tuning), ``mp`` (pre-trained with ``pretrain.contrastive_weight=0``) and ``
 with the pipeline's contrastive weight). Every arm of a task fine-tunes under the same rule: for
 ``five`` at most ``finetune.epochs`` = 40, stopping once validation top-1 has not risen by 0.01 for
 8 validations (:data:`CONVERGE`); for ``directions`` the pipeline's own (at most 16 epochs, a
-validation every half epoch, patience 6); ``--set`` overrides either. Seed
+validation every half epoch, patience 6, no stop before epoch 8); ``--set`` overrides either. Seed
 ``s`` seeds pre-training and fine-tuning (``--fixed-pretraining``: fine-tuning only);
 ``--corpus-seed`` generates another corpus (``data.synth_seed``), so a setting chosen on one corpus
 can be checked on a corpus it was not chosen on.

@@ -148,7 +148,8 @@ def test_table7_fine_tunes_five_under_its_40_epoch_rule_and_directions_under_the
     assert set(CONVERGE) <= set(five) and not set(CONVERGE) & set(directions)
     assert five[-1] == directions[-1] == "finetune.epochs=2"        # --set comes last, and wins
     rule = load_pipeline("demo-direction").finetune
-    assert (rule.epochs, rule.eval_every, rule.plateau_patience) == (16, 0.5, 6)
+    assert (rule.epochs, rule.eval_every, rule.plateau_patience, rule.plateau_min_epochs) == (
+        16, 0.5, 6, 8)
 
 
 def test_table7_combines_results_run_side_by_side_into_one_table(tmp_path, monkeypatch, capsys):
@@ -298,9 +299,9 @@ TABLE7_TINY = [
     "tokenize.decode_workers=0", "tokenize.batch_frames=32", "pretrain.model=bench-test",
     "pretrain.grid=4", "pretrain.steps=2", "pretrain.batch_size=4", "pretrain.micro_batch=4",
     "pretrain.proj_hidden=16", "pretrain.checkpoint_every=2", "finetune.grid=4",
-    "finetune.epochs=3", "finetune.batch_size=8", "finetune.micro_batch=8",
-    "finetune.view_scales=[1.0]", "finetune.view_crops=[center]", "finetune.val_fraction=0.25",
-    "finetune.plateau_patience=1", "evaluate.test_clips=1"]
+    "finetune.epochs=3", "finetune.plateau_min_epochs=1", "finetune.batch_size=8",
+    "finetune.micro_batch=8", "finetune.view_scales=[1.0]", "finetune.view_crops=[center]",
+    "finetune.val_fraction=0.25", "finetune.plateau_patience=1", "evaluate.test_clips=1"]
 
 
 @pytest.mark.slow

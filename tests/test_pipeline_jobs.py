@@ -248,9 +248,9 @@ TINY = [
     "tokenize.decode_workers=0", "tokenize.batch_frames=32", "pretrain.grid=4",
     "pretrain.steps=2", "pretrain.batch_size=4", "pretrain.micro_batch=4",
     "pretrain.proj_hidden=16", "pretrain.checkpoint_every=2", "finetune.grid=4",
-    "finetune.epochs=2", "finetune.batch_size=8", "finetune.micro_batch=8",
-    "finetune.view_scales=[1.0]", "finetune.view_crops=[center]", "finetune.val_fraction=0.25",
-    "evaluate.test_clips=1"]
+    "finetune.epochs=2", "finetune.plateau_min_epochs=1", "finetune.batch_size=8",
+    "finetune.micro_batch=8", "finetune.view_scales=[1.0]", "finetune.view_crops=[center]",
+    "finetune.val_fraction=0.25", "evaluate.test_clips=1"]
 
 
 @pytest.mark.slow
