@@ -31,7 +31,8 @@ their own ``--runs`` and ``--out``); ``--combine A.json B.json --out T.json`` th
 What a minimum budget for the plateau rule changes: run again, with a larger
 ``finetune.plateau_min_epochs`` = E, the runs that stopped before epoch E, then ``--combine
 NEW.json ... --over OLD.json`` keeps OLD's runs that stopped later (the minimum cannot change
-them) and refuses to keep one that stopped earlier.
+them) and refuses to keep one that stopped earlier. ``--combine A.json B.json --pool-corpora``
+pools results from different corpus seeds into one table: a run is a seed on a corpus.
 """
 
 from __future__ import annotations
@@ -145,16 +146,17 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["layout"], row["arm"]), []).append(row)
-    top1 = {(r["task"], r["layout"], r["arm"], r["seed"]): r["top1"] for r in rows}
+    top1 = {(r["task"], r["layout"], r["arm"], *unit(r)): r["top1"] for r in rows}
 
     def gain_over(mine: list[dict[str, Any]], base: str) -> dict[str, Any] | None:
-        paired = [r["top1"] - top1[(r["task"], r["layout"], base, r["seed"])] for r in mine
-                  if (r["task"], r["layout"], base, r["seed"]) in top1]
+        paired = [r["top1"] - top1[(r["task"], r["layout"], base, *unit(r))] for r in mine
+                  if (r["task"], r["layout"], base, *unit(r)) in top1]
         return mean_interval(paired) if paired and mine[0]["arm"] != base else None
 
     out = []
     for (task, layout, arm), mine in groups.items():
         out.append({"task": task, "layout": layout, "arm": arm, "seeds": [r["seed"] for r in mine],
+                    "corpus_seeds": sorted({r.get("corpus_seed") for r in mine}, key=str),
                     "top1": mean_interval([r["top1"] for r in mine]),
                     "gain_vs_scratch": gain_over(mine, "scratch"),
                     "gain_vs_mp": gain_over(mine, "mp") if arm == "mp+cl" else None,
@@ -179,9 +181,14 @@ def markdown(summary: list[dict[str, Any]], arms: list[str], checkpoint: str) ->
     columns = list(dict.fromkeys((s["task"], s["layout"]) for s in summary))
     found = {(s["task"], s["layout"], s["arm"]): s for s in summary}
     seeds = max((len(s["seeds"]) for s in summary), default=0)
-    lines = [f"{checkpoint}.pt on the evaluation split: top-1 in %, mean of {seeds} seeds [95 % "
-             "t-interval over seeds]; gain over scratch (MP + CL: and over MP) in points, "
-             "paired by seed; why fine-tuning stopped (runs per reason)", "",
+    corpora = sorted({c for s in summary for c in s.get("corpus_seeds", [])}, key=str)
+    over = f"{seeds} seeds [95 % t-interval over seeds]" if len(corpora) < 2 else (
+        f"{seeds} runs, seeds on corpus seeds {', '.join(map(str, corpora))} [95 % t-interval "
+        "over runs]")
+    paired = "by seed" if len(corpora) < 2 else "by corpus and seed"
+    lines = [f"{checkpoint}.pt on the evaluation split: top-1 in %, mean of {over}; gain over "
+             f"scratch (MP + CL: and over MP) in points, paired {paired}; why fine-tuning "
+             "stopped (runs per reason)", "",
              "| arm | " + " | ".join(f"{TASKS[t].title} ({layout})" for t, layout in columns)
              + " |", "|---|" + "---|" * len(columns)]
     for arm in (a for a in ARMS if a in arms):
@@ -230,6 +237,11 @@ def run_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return row["task"], row["layout"], row["seed"], row["arm"]
 
 
+def unit(row: dict[str, Any]) -> tuple[Any, Any]:
+    """What gains pair over: the seed within its corpus (one corpus unless pooled)."""
+    return row.get("corpus_seed"), row["seed"]
+
+
 def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
     return f"{key}: {a.get(key)!r} against {b.get(key)!r}"
@@ -253,35 +265,43 @@ def load_result(path: Path) -> dict[str, Any]:
     return data
 
 
-def combine(paths: list[Path], out: Path, checkpoint: str,
-            over: Path | None = None) -> dict[str, Any]:
+def combine(paths: list[Path], out: Path, checkpoint: str, over: Path | None = None,
+            pool: bool = False) -> dict[str, Any]:
     """One table from JSONs this benchmark wrote (e.g. one per layout, run side by side): their
     rows together, each (task, layout, seed, arm) once, one corpus seed, one setting (what the
     runs share: every option but the runs folder and which tasks, arms, layouts and seeds; a file
-    from before the setting was kept has none to compare). ``over``: see :func:`overlay`."""
+    from before the setting was kept has none to compare). ``over``: see :func:`overlay`.
+    ``pool``: the files may come from different corpus seeds (the setting otherwise the same);
+    a run is then a seed on a corpus, each once, and gains pair within a corpus and seed."""
     loaded = [load_result(path) for path in paths]
     rows = [row for data in loaded for row in data["rows"]]
     settings = [data.get("setting") for data in loaded]
-    shared = [(path, {k: v for k, v in setting.items() if k not in PER_PART})
+    per_part = PER_PART | ({"corpus_seed"} if pool else set())
+    shared = [(path, {k: v for k, v in setting.items() if k not in per_part})
               for path, setting in zip(paths, settings, strict=True)
               if isinstance(setting, dict)]
     for path, setting in shared[1:]:
         if setting != shared[0][1]:
             raise SystemExit(f"{path}: ran with other settings than {shared[0][0]} "
                              f"({first_difference(shared[0][1], setting)})")
-    seen = Counter(run_key(r) for r in rows)
+    seen = Counter((r.get("corpus_seed"), *run_key(r)) for r in rows)
     twice = [k for k, n in seen.items() if n > 1]
     if twice:
-        raise SystemExit(f"(task, layout, seed, arm) {twice[0]} is in more than one file")
+        raise SystemExit(f"(corpus seed, task, layout, seed, arm) {twice[0]} is in more than "
+                         "one file")
     extra: dict[str, Any] = {}
     if over is not None:
+        if pool:
+            raise SystemExit("--over and --pool-corpora: lay each corpus's files over its own "
+                             "first, then pool the results")
         rows, extra = overlay(rows, settings, over)
     corpora = {r.get("corpus_seed") for r in rows}
-    if len(corpora) > 1:
-        raise SystemExit(f"the files come from different corpus seeds: {sorted(map(str, corpora))}")
+    if len(corpora) > 1 and not pool:
+        raise SystemExit(f"the files come from different corpus seeds: {sorted(map(str, corpora))}"
+                         " (--pool-corpora pools them)")
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     summary = summarise(rows)
-    result = {"combined": [str(p) for p in paths], "settings": settings,
+    result = {"combined": [str(p) for p in paths], "settings": settings, "pooled": pool,
               "machines": [data.get("machine") for data in loaded], **extra,
               "complete": True, "rows": rows, "summary": summary,
               "table": markdown(summary, arms, checkpoint)}
@@ -382,11 +402,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --combine: the files ran with a larger "
                              "finetune.plateau_min_epochs and replace this result's rows; its "
                              "other rows are kept if they stopped at or after the minimum")
+    parser.add_argument("--pool-corpora", action="store_true",
+                        help="with --combine: files from different corpus seeds, one table over "
+                             "all their runs (gains paired within a corpus and seed)")
     args = parser.parse_args(argv)
-    if args.over and not args.combine:
-        raise SystemExit("--over goes with --combine")
+    for flag, given in (("--over", args.over), ("--pool-corpora", args.pool_corpora)):
+        if given and not args.combine:
+            raise SystemExit(f"{flag} goes with --combine")
     if args.combine:
-        result = combine(args.combine, Path(args.out), args.checkpoint, args.over)
+        result = combine(args.combine, Path(args.out), args.checkpoint, args.over,
+                         args.pool_corpora)
         if args.over:
             print(f"minimum budget: no plateau stop before update {result['min_step']}; "
                   f"{len(result['kept'])} runs of {args.over} kept (stopped after it); of those "

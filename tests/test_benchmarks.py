@@ -290,6 +290,39 @@ def test_table7_refuses_to_combine_the_same_run_twice(tmp_path, monkeypatch):
               "--out", str(tmp_path / "t.json")])
 
 
+def test_table7_pools_corpora_pairing_each_gain_within_its_corpus_and_seed(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.table7 import main
+
+    setting = {"corpus_seed": 5, "checkpoint": "final", "extra": [], "runs": "a"}
+    five = [{**r, "corpus_seed": 5} for r in table7_rows()]
+    # corpus 6: scratch 50 / 60 %, so the pre-trained arms gain -20 and -10 (MP)
+    six = [{**r, "corpus_seed": 6, "top1": r["top1"] + (0.3 if r["arm"] == "scratch" else 0)}
+           for r in table7_rows()]
+    for name, corpus, rows in (("c5.json", 5, five), ("c6.json", 6, six)):
+        (tmp_path / name).write_text(json.dumps({
+            "complete": True, "setting": {**setting, "corpus_seed": corpus}, "rows": rows}))
+    files = [str(tmp_path / "c5.json"), str(tmp_path / "c6.json")]
+    out = tmp_path / "t.json"
+    with pytest.raises(SystemExit, match=r"c6.json: ran with other settings .*corpus_seed: 5 "):
+        main(["--combine", *files, "--out", str(out)])
+    main(["--combine", *files, "--pool-corpora", "--out", str(out)])
+    summary = {s["arm"]: s for s in json.loads(out.read_text())["summary"]}
+    mp = summary["mp"]
+    assert mp["top1"]["n"] == 4 and mp["corpus_seeds"] == [5, 6]
+    assert mp["gain_vs_scratch"]["mean"] == pytest.approx((0.1 + 0.2 - 0.2 - 0.1) / 4)
+    assert summary["mp+cl"]["gain_vs_mp"]["mean"] == pytest.approx(0.1)
+    table = capsys.readouterr().out
+    assert "mean of 4 runs, seeds on corpus seeds 5, 6" in table and "by corpus and seed" in table
+    (tmp_path / "c6b.json").write_text(json.dumps({
+        "complete": True, "setting": {**setting, "corpus_seed": 6, "extra": ["x=1"]},
+        "rows": six}))
+    with pytest.raises(SystemExit, match=r"c6b.json: ran with other settings"):
+        main(["--combine", files[0], str(tmp_path / "c6b.json"), "--pool-corpora",
+              "--out", str(out)])
+
+
 TABLE7_TINY = [
     "data.synth_train_per_class=4", "data.synth_val_per_class=2", "data.synth_size=32",
     "data.synth_uncurated_videos=0", "data.synth_pretrain_on=train",
