@@ -18,6 +18,7 @@ import random
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,7 @@ from vimpac.archive import reader as archive_reader
 from vimpac.archive.formats.wds import parse_wds_bytes
 from vimpac.cli import cli
 from vimpac.common.checkpoint import CheckpointError, load_checkpoint
-from vimpac.common.fileio import sha256_file
+from vimpac.common.fileio import atomic_write_json, sha256_file
 from vimpac.config import load_pipeline
 from vimpac.pretrain.data import ClipStream, StreamSpec
 from vimpac.pretrain.export import load_pretrained
@@ -189,6 +190,27 @@ def test_payload_really_runs_code(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(Payload(marker))).close()
     assert marker.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_writes_get_the_permissions_of_the_umask_not_owner_only(umask: int,
+                                                                       tmp_path: Path) -> None:
+    """A cache shared by a group stays readable by it: atomically written files and the
+    tokenizer folder (built in a temporary folder, then renamed) get what open and mkdir would."""
+    from vimpac.tokenize.tokenizer import save_tokenizer
+    from vimpac.tokenize.vqvae import VQConfig, VQTokenizer
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "stage.json", {"a": 1})
+        save_tokenizer(VQTokenizer(VQConfig(codebook_size=16, channels=8, image_size=32)),
+                       tmp_path / "tok")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "stage.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "tok").stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "tok").iterdir()} == {
+        0o666 & ~umask}
 
 
 @pytest.mark.parametrize("stage", ["tokenize", "pretrain"])

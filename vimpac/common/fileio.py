@@ -3,7 +3,9 @@
 A file is replaced atomically: written to a temporary file in the same folder, fsynced, renamed over
 the target, and the folder fsynced, so a crash or a full disk leaves the old file or the new one,
 never a mix. Temporary names are ``.<name>.<random>.tmp``: an interrupted writer's leftovers are
-recognisable and safe to delete.
+recognisable and safe to delete. Files and folders end with the permissions a plain ``open`` or
+``mkdir`` would give them (the process umask), not the owner-only ones of a temporary file, so a
+cache shared by a group stays readable by it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,32 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _read_umask() -> int:
+    """The process umask, without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(directory: bool = False) -> int:
+    """What ``open`` (0o666) or ``mkdir`` (0o777) would create under the process umask."""
+    return (0o777 if directory else 0o666) & ~_read_umask()
+
+
+def make_temp_dir(parent: str | Path, prefix: str, suffix: str = "") -> Path:
+    """A new folder in ``parent`` for building something that is renamed into place, with a
+    folder's usual permissions (``tempfile.mkdtemp`` makes it owner-only)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    os.chmod(path, usual_mode(directory=True))
+    return path
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -58,6 +86,7 @@ def atomic_open(path: str | Path) -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), usual_mode())
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from vimpac.common.errors import VimpacError
-from vimpac.common.fileio import fsync_dir, fsync_tree
+from vimpac.common.fileio import fsync_dir, fsync_tree, make_temp_dir, usual_mode
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -150,10 +150,11 @@ def save_tokenizer(model: Any, out_dir: str | os.PathLike) -> None:
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.tmp-")
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
+        os.chmod(tmp / WEIGHTS_FILE, usual_mode())          # safetensors writes it owner-only
         meta = {"format_version": FORMAT_VERSION, "config": model.config_dict(),
                 "fingerprint": model.fingerprint()}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
