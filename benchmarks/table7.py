@@ -226,7 +226,32 @@ def measure(setting: Setting, tasks: list[str], arms: list[str], layouts: list[s
     return result
 
 
-ROW_KEYS = ("task", "layout", "seed", "arm", "top1", "chance", "stopped", "steps")
+NUMBER = (int, float)
+ROW_TYPES: dict[str, Any] = {"task": str, "layout": str, "seed": int, "arm": str, "top1": NUMBER,
+                             "chance": NUMBER, "stopped": str, "steps": int}
+TYPE_NAMES = {str: "text", int: "whole number", NUMBER: "number"}
+KNOWN = {"task": TASKS, "arm": ARMS}
+
+
+def row_problem(row: Any) -> str | None:
+    """What is wrong with one row of a result file (None if nothing): a key missing, a value of
+    the wrong type, an unknown task or arm, an accuracy outside 0..1."""
+    if not isinstance(row, dict):
+        return f"a row is a {type(row).__name__}, not an object"
+    for key, kind in ROW_TYPES.items():
+        if key not in row:
+            return f"a row without {key!r}"
+        value = row[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"a row's {key!r} is {value!r}, not a {TYPE_NAMES[kind]}"
+        if key in KNOWN and value not in KNOWN[key]:
+            return f"a row's {key!r} is {value!r}, not one of {', '.join(KNOWN[key])}"
+    if not 0 <= row["top1"] <= 1 or not 0 < row["chance"] <= 1:
+        return f"a row's top1 or chance is outside 0..1 ({row['top1']!r}, {row['chance']!r})"
+    corpus = row.get("corpus_seed")
+    if corpus is not None and (not isinstance(corpus, int) or isinstance(corpus, bool)):
+        return f"a row's 'corpus_seed' is {corpus!r}, not a whole number"
+    return None
 
 
 PER_PART = {"runs", "tasks", "arms", "layouts", "seeds", "converge"}   # may differ between files
@@ -258,10 +283,13 @@ def load_result(path: Path) -> dict[str, Any]:
             raise SystemExit(f"{path}: the run that wrote it has not finished")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SystemExit(f"{path}: not a table7 result ({exc})") from None
+    if data.get("setting") is not None and not isinstance(data["setting"], dict):
+        raise SystemExit(f"{path}: its setting is a {type(data['setting']).__name__}, not an "
+                         "object")
     for row in rows:
-        missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise SystemExit(f"{path}: a row without {missing[0]!r}")
+        problem = row_problem(row)
+        if problem:
+            raise SystemExit(f"{path}: {problem}")
     return data
 
 

@@ -253,12 +253,23 @@ def test_table7_over_takes_the_minimum_from_the_runs_however_it_was_set(tmp_path
         main(["--over", str(tmp_path / "old.json")])
 
 
+ROW = {"task": "directions", "layout": "ssv2", "seed": 0, "arm": "scratch", "top1": 0.2,
+       "chance": 0.125, "stopped": "plateau", "steps": 100}
+
+
 @pytest.mark.parametrize("content, message", [
     ({"complete": False, "rows": []}, "has not finished"),
     ({"complete": True}, "not a table7 result"),
     ([{"complete": True}], "not a table7 result"),
     ({"complete": True, "rows": 5}, "not a table7 result .*rows is a int"),
     ({"complete": True, "rows": [{"task": "directions"}]}, "a row without 'layout'"),
+    ({"complete": True, "rows": [7]}, "a row is a int, not an object"),
+    ({"complete": True, "rows": [{**ROW, "seed": [0]}]}, r"'seed' is \[0\], not a whole number"),
+    ({"complete": True, "rows": [{**ROW, "top1": "x"}]}, "'top1' is 'x', not a number"),
+    ({"complete": True, "rows": [{**ROW, "top1": 7.5}]}, "outside 0..1"),
+    ({"complete": True, "rows": [{**ROW, "arm": "mae"}]}, "'arm' is 'mae', not one of scratch"),
+    ({"complete": True, "rows": [{**ROW, "corpus_seed": [6]}]}, "'corpus_seed' is \\[6\\]"),
+    ({"complete": True, "setting": ["x"], "rows": []}, "its setting is a list, not an object"),
 ])
 def test_table7_refuses_to_combine_an_unfinished_or_foreign_file(tmp_path, monkeypatch, content,
                                                                   message):
