@@ -182,11 +182,11 @@ def markdown(summary: list[dict[str, Any]], arms: list[str], checkpoint: str) ->
     found = {(s["task"], s["layout"], s["arm"]): s for s in summary}
     seeds = max((len(s["seeds"]) for s in summary), default=0)
     corpora = sorted({c for s in summary for c in s.get("corpus_seeds", [])}, key=str)
-    over = f"{seeds} seeds [95 % t-interval over seeds]" if len(corpora) < 2 else (
+    averaged = f"{seeds} seeds [95 % t-interval over seeds]" if len(corpora) < 2 else (
         f"{seeds} runs, seeds on corpus seeds {', '.join(map(str, corpora))} [95 % t-interval "
         "over runs]")
     paired = "by seed" if len(corpora) < 2 else "by corpus and seed"
-    lines = [f"{checkpoint}.pt on the evaluation split: top-1 in %, mean of {over}; gain over "
+    lines = [f"{checkpoint}.pt on the evaluation split: top-1 in %, mean of {averaged}; gain over "
              f"scratch (MP + CL: and over MP) in points, paired {paired}; why fine-tuning "
              "stopped (runs per reason)", "",
              "| arm | " + " | ".join(f"{TASKS[t].title} ({layout})" for t, layout in columns)
